@@ -1,0 +1,1 @@
+"""Speed baselines that dynbatch is measured against."""

@@ -1,0 +1,347 @@
+"""Blocks: a module or function call recorded as ONE node, batched as a whole.
+
+Built-in blocks (nn.Linear, nn.Embedding, nn.LayerNorm, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+batch natively: the batched call is the module on stacked inputs. ``db.block`` marks user
+functions, nn.Module subclasses and module instances. A user block's body is traced once
+per signature (per run) into the same op vocabulary, then replayed for a whole batch
+through the direct rules; a body that cannot be traced (it reads a value) runs per example.
+While a run records, ``nn.Module.__call__`` is patched so block calls reach the tracer.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from . import rules, trace
+from .errors import BlockError, TraceError, where, raw_site
+from .lazy import LazyTensor
+from .signature import BLOCK, CONST, Signature, layout_of
+
+BUILTIN_BLOCKS = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+_original_call = nn.Module.__call__
+_installed = 0
+
+
+def is_block(module: nn.Module) -> bool:
+    return type(module) in BUILTIN_BLOCKS or getattr(module, "_dynbatch_block", False)
+
+
+def _has_lazy(args, kwargs) -> bool:
+    for a in args:
+        t = type(a)
+        if t is LazyTensor:
+            return True
+        if (t is tuple or t is list) and any(type(x) is LazyTensor for x in a):
+            return True
+    return any(type(v) is LazyTensor for v in kwargs.values()) if kwargs else False
+
+
+def _module_call(self, *args, **kwargs):
+    if trace._current is not None and is_block(self) and _has_lazy(args, kwargs):
+        return record_block(self, args, kwargs)
+    return _original_call(self, *args, **kwargs)
+
+
+def install() -> None:
+    global _installed
+    if _installed == 0:
+        nn.Module.__call__ = _module_call
+    _installed += 1
+
+
+def uninstall() -> None:
+    global _installed
+    _installed -= 1
+    if _installed == 0:
+        nn.Module.__call__ = _original_call
+
+
+class BlockFunction:
+    """A function marked with ``db.block``; also works on methods (``self`` is shared)."""
+
+    def __init__(self, fn):
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        if trace._current is not None and _has_lazy(args, kwargs):
+            return record_block(self, args, kwargs)
+        return self.fn(*args, **kwargs)
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        return functools.partial(self, instance)
+
+    def __repr__(self) -> str:
+        return f"<dynbatch block {self.fn.__qualname__}>"
+
+
+def block(obj):
+    """Mark a function, an nn.Module subclass or a module instance as a block: each call is
+    recorded as one node and batched as a whole. It must be a pure function of its
+    arguments (no reads of tensor values, no randomness, no state changes)::
+
+        @db.block
+        def cell(x, h, W):
+            return torch.tanh(W @ torch.cat([x, h]))
+    """
+    if isinstance(obj, type) and issubclass(obj, nn.Module):
+        obj._dynbatch_block = True
+        return obj
+    if isinstance(obj, nn.Module):
+        object.__setattr__(obj, "_dynbatch_block", True)
+        return obj
+    if isinstance(obj, BlockFunction):
+        return obj
+    if callable(obj):
+        return BlockFunction(obj)
+    raise TypeError(f"db.block expects a function, an nn.Module subclass or a module, "
+                    f"got {type(obj).__name__}")
+
+
+def record_block(fn, args, kwargs):
+    """Record one block call. The signature lives for this run only: a block's batched form
+    closes over the module's current parameters, which may be replaced between runs."""
+    run = trace._current
+    from .signature import signature_key
+    key, inputs, depth = signature_key(fn, args, kwargs, run)
+    info = run.local_signatures.get(key)
+    if info is None:
+        info = _new_block_signature(run, fn, args, kwargs)
+        run.local_signatures[key] = info
+    from .graph import Node
+    nodes = run.graph.nodes
+    node = Node(len(nodes), fn, args, kwargs, info, inputs, depth + 1, run.example,
+                raw_site(2), run)
+    nodes.append(node)
+    if info.structure is None:
+        return LazyTensor(node, 0, info.outputs[0])
+    return info.structure([LazyTensor(node, i, t) for i, t in enumerate(info.outputs)])
+
+
+def _name(fn) -> str:
+    if isinstance(fn, nn.Module):
+        return type(fn).__name__
+    return getattr(fn, "__qualname__", repr(fn))
+
+
+def _new_block_signature(run, fn, args, kwargs) -> Signature:
+    paths, flags = layout_of(args, kwargs)
+    name = _name(fn)
+    if any(p[0] == "kw" for p in paths):
+        raise TraceError(f"block {name}: pass per-example tensors positionally "
+                         f"({where(run.example, raw_site(3))})")
+    if isinstance(fn, nn.Module) and type(fn) in BUILTIN_BLOCKS:
+        try:
+            out = trace.infer(lambda *a, **k: _original_call(fn, *a, **k), args, kwargs)
+        except Exception as err:
+            raise TraceError(f"{name} failed for {where(run.example, raw_site(3))}\n"
+                             f"  {type(err).__name__}: {err}") from err
+        outputs, structure = _output_spec(out)
+        return Signature(BLOCK, fn, rules.native_module_rule, outputs, structure, paths,
+                         flags, torch.is_grad_enabled(), name=name)
+    program = _trace_body(run, fn, args, kwargs, paths, name)
+    return Signature(BLOCK, fn, program, program.outputs, program.structure, paths, flags,
+                     torch.is_grad_enabled(), name=name)
+
+
+def _output_spec(out):
+    if isinstance(out, torch.Tensor):
+        return ((out.shape, out.dtype, out.device),), None
+    if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+        return tuple((o.shape, o.dtype, o.device) for o in out), type(out)
+    raise BlockError(f"a block must return a tensor or a tuple of tensors, got "
+                     f"{type(out).__name__}")
+
+
+def _call_body(fn, args, kwargs):
+    if isinstance(fn, nn.Module):
+        return _original_call(fn, *args, **kwargs)
+    return fn.fn(*args, **kwargs)
+
+
+def _trace_body(run, fn, args, kwargs, paths, name) -> "Program":
+    """Trace the block once on placeholders into a sub-graph, then compile it to a replay
+    program. Values the body makes from no argument are the same for every example of one
+    signature, so they stay shared (unbatched) in the replay."""
+    sub = trace.Run(run.strategy, block_trace=True)
+    sub.example = run.example
+    placeholders = []
+    new_args = list(args)
+    for path in paths:
+        original = args[path[0]] if len(path) == 1 else args[path[0]][path[1]]
+        with torch._C.DisableTorchFunction():
+            dummy = torch.empty(0)
+        ph = trace.constant(sub, dummy, None)  # marks a position; its value is never read
+        ph.tkey = original.tkey
+        ph.node.fn = _ARGUMENT
+        placeholders.append(ph.node)
+        if len(path) == 1:
+            new_args[path[0]] = ph
+        else:
+            seq = list(new_args[path[0]])
+            seq[path[1]] = ph
+            new_args[path[0]] = type(args[path[0]])(seq)
+    try:
+        with trace.switched_to(sub):
+            out = _call_body(fn, tuple(new_args), kwargs)
+    except BlockError as err:
+        warnings.warn(f"dynbatch: block {name} cannot be traced once for a whole batch ({err});"
+                      f" it will run one example at a time", stacklevel=3)
+        return _PerExampleProgram(fn, args, kwargs, paths, run)
+    except Exception as err:
+        if isinstance(err, TraceError):
+            raise
+        raise TraceError(f"block {name} failed for {where(run.example, raw_site(3))}\n"
+                         f"  {type(err).__name__}: {err}") from err
+    with torch._C.DisableTorchFunction():   # building the program must record nothing
+        return Program(sub, placeholders, out, name)
+
+
+class _ArgumentMarker:
+    def __repr__(self):
+        return "argument"
+
+
+_ARGUMENT = _ArgumentMarker()
+
+
+class Program:
+    """A block body compiled for replay: a list of steps over a value table. Slot k holds
+    the k-th node's value and whether it is batched (NOTE [batch dim])."""
+
+    def __init__(self, sub, placeholders, out, name):
+        self.name = name
+        nodes = sub.graph.nodes
+        self.n_slots = len(nodes)
+        self.arg_slots = [p.id for p in placeholders]
+        self.steps = []
+        self.constants = []
+        batched = [False] * len(nodes)
+        for p in placeholders:
+            batched[p.id] = True
+        for node in nodes:
+            if node.fn is _ARGUMENT:
+                continue
+            if node.info.kind is CONST:
+                value = node.args[0]
+                if not isinstance(value, torch.Tensor):   # a torch.tensor(scalar) constant
+                    _, dtype, device = node.info.outputs[0]
+                    value = torch.tensor(value, dtype=dtype, device=device)
+                self.constants.append((node.id, value))
+                continue
+            refs = []
+            for path in node.info.paths:
+                lt = node.args[path[0]] if len(path) == 1 else node.args[path[0]][path[1]]
+                refs.append((path, lt.node.id, lt.index))
+            any_batched = any(batched[r[1]] for r in refs)
+            batched[node.id] = any_batched
+            self.steps.append((node.id, node.fn, node.args, node.kwargs or {}, node.info, refs,
+                               any_batched, node.info.structure is not None))
+        if isinstance(out, LazyTensor):
+            outs, self.structure = [out], None
+        elif isinstance(out, (tuple, list)) and all(isinstance(o, LazyTensor) for o in out):
+            outs, self.structure = list(out), type(out)
+        else:
+            raise BlockError(f"block {name} must return per-example tensors (a tensor or a "
+                             f"tuple of them), got {type(out).__name__}")
+        for o in outs:
+            if o.node.owner is not sub:
+                raise BlockError(f"block {name} returns a tensor it did not compute from "
+                                 "its arguments")
+        self.outputs = tuple(o.tkey for o in outs)
+        self.out_refs = [(o.node.id, o.index, batched[o.node.id]) for o in outs]
+
+    def __call__(self, fn, args, kwargs, per_example):
+        values = [None] * self.n_slots
+        flags = [False] * self.n_slots
+        k = 0
+        n = None
+        for a, pe in zip(args, per_example):
+            if pe is True:
+                values[self.arg_slots[k]] = (a,)
+                flags[self.arg_slots[k]] = True
+                n = a.shape[0]
+                k += 1
+            elif type(pe) is tuple:
+                for x, p in zip(a, pe):
+                    if p:
+                        values[self.arg_slots[k]] = (x,)
+                        flags[self.arg_slots[k]] = True
+                        n = x.shape[0]
+                        k += 1
+        for slot, value in self.constants:
+            values[slot] = (value,)
+        for slot, step_fn, sargs, skwargs, info, refs, any_batched, multi in self.steps:
+            call_args = list(sargs)
+            call_kwargs = dict(skwargs) if skwargs else skwargs
+            for path, src, index in refs:
+                v = values[src][index]
+                if len(path) == 1:
+                    call_args[path[0]] = v
+                elif path[0] == "kw":
+                    call_kwargs[path[1]] = v
+                else:
+                    seq = list(call_args[path[0]])
+                    seq[path[1]] = v
+                    call_args[path[0]] = type(sargs[path[0]])(seq)
+            if not any_batched:
+                out = (step_fn if not isinstance(step_fn, nn.Module) else
+                       functools.partial(_original_call, step_fn))(*call_args, **call_kwargs)
+            else:
+                pe = _flags_for(sargs, refs, flags)
+                if info.kind is BLOCK and not _all_batched(pe):
+                    call_args, pe = _expand_shared(call_args, pe, n)
+                out = info.rule(step_fn, tuple(call_args), call_kwargs, pe)
+            values[slot] = tuple(out) if multi else (out,)
+            flags[slot] = any_batched
+        results = []
+        for slot, index, is_batched in self.out_refs:
+            v = values[slot][index]
+            results.append(v if is_batched else v.unsqueeze(0).expand(n, *v.shape))
+        return results[0] if self.structure is None else self.structure(results)
+
+
+def _flags_for(sargs, refs, flags):
+    pe = [False] * len(sargs)
+    for path, src, _ in refs:
+        if path[0] == "kw":
+            continue
+        if len(path) == 1:
+            pe[path[0]] = flags[src]
+        else:
+            inner = list(pe[path[0]]) if type(pe[path[0]]) is tuple else \
+                [False] * len(sargs[path[0]])
+            inner[path[1]] = flags[src]
+            pe[path[0]] = tuple(inner)
+    return tuple(pe)
+
+
+def _all_batched(pe) -> bool:
+    return all(p is False or p is True or all(p) for p in pe)
+
+
+def _expand_shared(call_args, pe, n):
+    return call_args, pe  # nested blocks with mixed inputs: their rules expand as needed
+
+
+class _PerExampleProgram:
+    """Fallback for a block whose body cannot be traced once: run it per example."""
+
+    def __init__(self, fn, args, kwargs, paths, run):
+        self.fn = fn
+        self.structure = None
+        self.outputs = None
+        with trace.switched_to(None):
+            pass
+        # Infer outputs by running the body on zeros once.
+        out = trace.infer(lambda *a, **k: _call_body(fn, a, k), args, kwargs)
+        self.outputs, self.structure = _output_spec(out)
+
+    def __call__(self, fn, args, kwargs, per_example):
+        return rules.loop_rule(lambda *a, **k: _call_body(fn, a, k), args, kwargs, per_example,
+                               reason=BlockError("block body reads a value"))

@@ -1,0 +1,221 @@
+"""Execution: for each batch, gather the inputs, make one batched call, store the output.
+
+Gather (NOTE [row order]: row i of a batch output belongs to the i-th node of that batch):
+a zero-copy slice when the rows lie contiguous and in order in one earlier output, one
+``index_select`` when they lie in one output in any order, and per-source selections joined
+by one ``cat`` (plus one reordering ``index_select`` if needed) otherwise. Outputs stay one
+tensor per batch; a node's value is (batch outputs, row). Autograd flows through these
+ordinary torch ops: there is no custom backward.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+import torch
+
+from . import profile, rules
+from .errors import ExecuteError, where
+from .schedule import schedule
+from .signature import CONST
+
+Tensor = torch.Tensor
+_DisableTorchFunction = torch._C.DisableTorchFunction
+DEBUG = os.environ.get("DYNBATCH_DEBUG", "") not in ("", "0")
+_warned: set = set()
+
+
+def execute_pending(run) -> None:
+    """Schedule and run every node of ``run`` not executed yet."""
+    graph = run.graph
+    start = graph.executed
+    pending = graph.nodes[start:]
+    if not pending:
+        return
+    t0 = time.perf_counter()
+    signatures = [n.info for n in pending]
+    inputs = [n.inputs for n in pending]
+    depths = [n.depth for n in pending]
+    batches = schedule(run.strategy, signatures, inputs, depths, start)
+    t1 = time.perf_counter()
+    stats = run.stats
+    stats.schedule_s += t1 - t0
+    grad = torch.is_grad_enabled()
+    with _DisableTorchFunction():
+        for batch in batches:
+            nodes = [pending[i] for i in batch.nodes]
+            info = batch.signature
+            if info.grad != grad and info.kind is not CONST:
+                with torch.set_grad_enabled(info.grad):
+                    run_batch(nodes, info)
+            else:
+                run_batch(nodes, info)
+            if DEBUG:
+                print(f"dynbatch: batch {stats.batches:4d} {info!r} x{len(nodes)}")
+            stats.batches += 1
+    graph.executed = len(graph.nodes)
+    stats.execute_s += time.perf_counter() - t1
+
+
+def run_batch(nodes, info) -> None:
+    if info.kind is CONST:
+        values = [n.args[0] for n in nodes]
+        if info.fn is torch.tensor:      # Python scalars: one tensor for the whole batch
+            dtype, device = info.outputs[0][1], info.outputs[0][2]
+            out = (torch.tensor(values, dtype=dtype, device=device),)
+        else:
+            out = (torch.stack(values) if len(values) > 1 else values[0].unsqueeze(0),)
+    else:
+        first = nodes[0]
+        args = list(first.args)
+        kwargs = first.kwargs or {}
+        if kwargs and any(p[0] == "kw" for p in info.paths):
+            kwargs = dict(kwargs)
+        for path in info.paths:
+            if len(path) == 1:
+                args[path[0]] = gather([n.args[path[0]] for n in nodes])
+            elif path[0] == "kw":
+                kwargs[path[1]] = gather([n.kwargs[path[1]] for n in nodes])
+            else:
+                i, j = path
+                if args[i] is first.args[i]:
+                    args[i] = list(args[i])
+                args[i][j] = gather([n.args[i][j] for n in nodes])
+        for i, a in enumerate(args):
+            if type(a) is list and type(first.args[i]) is tuple:
+                args[i] = tuple(a)
+        try:
+            out = info.rule(first.fn, tuple(args), kwargs, info.per_example)
+        except rules.FallbackError:
+            raise
+        except Exception as err:
+            out = _recover(nodes, info, err)
+        out = (out,) if info.structure is None else tuple(out)
+    for row, node in enumerate(nodes):
+        node.batch = out
+        node.row = row
+
+
+def value_of(lt) -> Tensor:
+    node = lt.node
+    return node.batch[lt.index][node.row]
+
+
+def gather(column) -> Tensor:
+    """Stack the values of a list of executed lazy tensors along a new dim 0."""
+    lt0 = column[0]
+    n0 = lt0.node
+    batch0 = n0.batch
+    index0 = lt0.index
+    rows = []
+    for lt in column:
+        node = lt.node
+        if node.batch is not batch0 or lt.index != index0:
+            return _gather_many(column)
+        rows.append(node.row)
+    src = batch0[index0]
+    r0 = rows[0]
+    n = len(rows)
+    if rows[-1] - r0 == n - 1 and rows == list(range(r0, r0 + n)):
+        if r0 == 0 and n == src.shape[0]:
+            return src
+        return src[r0:r0 + n]          # a view: the rows already lie in order
+    # index_select, not stack: the rows live in one tensor, so one gather kernel
+    return src.index_select(0, torch.tensor(rows, device=src.device))
+
+
+def _gather_many(column) -> Tensor:
+    groups: dict = {}
+    for pos, lt in enumerate(column):
+        node = lt.node
+        key = (id(node.batch), lt.index)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = group = (node.batch[lt.index], [], [])
+        group[1].append(pos)
+        group[2].append(node.row)
+    parts = []
+    order = []
+    for src, positions, rows in groups.values():
+        r0 = rows[0]
+        n = len(rows)
+        if rows == list(range(r0, r0 + n)):
+            parts.append(src if r0 == 0 and n == src.shape[0] else src[r0:r0 + n])
+        else:
+            parts.append(src.index_select(0, torch.tensor(rows, device=src.device)))
+        order.extend(positions)
+    joined = torch.cat(parts)
+    if order == list(range(len(order))):
+        return joined
+    inverse = [0] * len(order)
+    for k, pos in enumerate(order):
+        inverse[pos] = k
+    return joined.index_select(0, torch.tensor(inverse, device=joined.device))
+
+
+def _per_example(node):
+    """Run one node alone on its inputs' values: the eager semantics of the batch."""
+    def conv(a):
+        if type(a).__name__ == "LazyTensor":
+            return value_of(a)
+        if type(a) in (list, tuple):
+            return type(a)(conv(x) for x in a)
+        return a
+    args = tuple(conv(a) for a in node.args)
+    kwargs = {k: conv(v) for k, v in (node.kwargs or {}).items()}
+    fn = node.fn
+    from .blocks import _call_body, BlockFunction
+    if isinstance(fn, (torch.nn.Module, BlockFunction)):
+        return _call_body(fn, args, kwargs)
+    return fn(*args, **kwargs)
+
+
+def _recover(nodes, info, err):
+    """A batched call failed: find the first example that fails on its own and name it; if
+    none does, the rule is at fault, so run per example (correct) and say so loudly."""
+    rows = []
+    for node in nodes:
+        try:
+            rows.append(_per_example(node))
+        except Exception as own:
+            raise ExecuteError(
+                f"{info.name} failed for {where(node.example, node.site)}\n"
+                f"  (batch of {len(nodes)} nodes, signature {info!r})\n"
+                f"  {type(own).__name__}: {own}") from own
+    if rules.STRICT:
+        raise ExecuteError(f"the batching rule for {info.name} failed on a batch of "
+                           f"{len(nodes)} whose examples all run alone "
+                           f"(first at {where(nodes[0].example, nodes[0].site)}): "
+                           f"{type(err).__name__}: {err}") from err
+    if info.name not in _warned:
+        _warned.add(info.name)
+        warnings.warn(f"dynbatch: the batching rule for {info.name} failed "
+                      f"({type(err).__name__}: {err}); its nodes ran one example at a time "
+                      "(counted in db.stats().fallbacks)", stacklevel=2)
+    rules.counters["fallbacks"] += len(nodes)
+    if info.structure is None:
+        return torch.stack(rows)
+    return [torch.stack([r[k] for r in rows]) for k in range(len(rows[0]))]
+
+
+def materialize(structure, cache=None):
+    """Replace every lazy tensor in a (nested) result by its real tensor. Rows of one
+    batch output come from one ``unbind``: one autograd node instead of one per row."""
+    if cache is None:
+        cache = {}
+    t = type(structure)
+    if t.__name__ == "LazyTensor":
+        node = structure.node
+        src = node.batch[structure.index]
+        rows = cache.get(id(src))
+        if rows is None:
+            rows = cache[id(src)] = (src, src.unbind(0))
+        return rows[1][node.row]
+    if t is list or t is tuple:
+        return t(materialize(x, cache) for x in structure)
+    if t is dict:
+        return {k: materialize(v, cache) for k, v in structure.items()}
+    if isinstance(structure, tuple) and hasattr(structure, "_fields"):
+        return t(*(materialize(x, cache) for x in structure))
+    return structure

@@ -1,0 +1,86 @@
+"""Node and Graph: the recorded program of one run, as plain data.
+
+Invariants of a Graph: nodes are in recording order, which is a topological order (a node's
+inputs were recorded before it); ``node.id`` is its position; ``node.depth`` is one more than
+the largest depth among its inputs (0 for constants); every node belongs to one example (or
+to none in the autobatch scope). Nodes point to their inputs only, never to their users, so
+a finished run is freed by reference counting alone.
+"""
+from __future__ import annotations
+
+from .errors import Site
+
+
+class Node:
+    """One recorded call. ``fn(*args, **kwargs)`` with lazy tensors among the args;
+    ``inputs`` are the ids of the nodes those lazy tensors come from.
+
+    After execution ``batch`` holds the tuple of batched outputs of the call that computed
+    it and ``row`` its row in them (NOTE [batch dim]: dim 0 of every batched tensor is the
+    batch; row i belongs to the i-th node of that batch).
+    """
+
+    __slots__ = ("id", "fn", "args", "kwargs", "info", "inputs", "depth", "example", "site",
+                 "owner", "batch", "row")
+
+    def __init__(self, id, fn, args, kwargs, info, inputs, depth, example, site, owner):
+        self.id = id
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.info = info
+        self.inputs = inputs
+        self.depth = depth
+        self.example = example
+        self.site = site
+        self.owner = owner
+        self.batch = None
+        self.row = -1
+
+    @property
+    def executed(self) -> bool:
+        return self.batch is not None
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__qualname__", None) or getattr(self.fn, "__name__", None)
+        name = name or type(self.fn).__name__
+        ins = ", ".join(f"%{i}" for i in self.inputs)
+        return f"%{self.id} = {name}({ins})  # examples[{self.example}] depth {self.depth}"
+
+
+class Graph:
+    """The nodes of one run. ``executed`` counts the prefix of ``nodes`` already run:
+    forcing a value executes everything pending, so the pending nodes are always a suffix."""
+
+    __slots__ = ("nodes", "executed")
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        self.executed = 0
+
+    def pending(self) -> list[Node]:
+        return self.nodes[self.executed:]
+
+    def lint(self) -> None:
+        """Check the invariants above; raises AssertionError naming the first broken node."""
+        for pos, node in enumerate(self.nodes):
+            assert node.id == pos, f"{node!r}: id {node.id} at position {pos}"
+            depth = 0
+            for i in node.inputs:
+                assert i < node.id, f"{node!r} uses %{i}, recorded after it"
+                inp = self.nodes[i]
+                assert inp.owner is node.owner, f"{node!r} uses %{i} of another run"
+                depth = max(depth, inp.depth + 1)
+            assert node.depth == depth, f"{node!r}: depth {node.depth}, expected {depth}"
+            if pos < self.executed:
+                assert node.batch is not None, f"{node!r} counted executed but has no value"
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __str__(self) -> str:
+        lines = []
+        for node in self.nodes:
+            site = Site.of(node.site)
+            lines.append(f"{node!r}" + (f"  ({site.filename}:{site.lineno})" if site else ""))
+        return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""Counters and timings of the last run, behind ``db.stats()``.
+
+``DYNBATCH_DEBUG=1`` in the environment prints every batch as it runs (execute.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    """The last finished run. ``nodes``: ops recorded; ``batches``: batched calls launched
+    (constants included); ``fallbacks``: nodes run one example at a time; ``vmap_batches``:
+    batches that went through torch.func.vmap; times in seconds."""
+
+    strategy: str = ""
+    examples: int = 0
+    nodes: int = 0
+    batches: int = 0
+    fallbacks: int = 0
+    vmap_batches: int = 0
+    trace_s: float = 0.0
+    schedule_s: float = 0.0
+    execute_s: float = 0.0
+    signatures: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def nodes_per_batch(self) -> float:
+        return self.nodes / self.batches if self.batches else 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.examples} examples, {self.nodes} nodes in {self.batches} batches "
+                f"({self.nodes_per_batch:.1f} per batch; {self.fallbacks} per-example "
+                f"fallbacks, {self.vmap_batches} vmap) trace {self.trace_s * 1e3:.1f} ms, "
+                f"schedule {self.schedule_s * 1e3:.1f} ms, execute {self.execute_s * 1e3:.1f} ms")
+
+
+_last = Stats()
+
+
+def last() -> Stats:
+    return _last
+
+
+def publish(stats: Stats) -> None:
+    global _last
+    _last = stats

@@ -1,0 +1,189 @@
+"""Signatures: the one place that decides which nodes may run as one batched call.
+
+``signature_key`` builds, per recorded call, a hashable key from the callable, the
+shape/dtype/device of every lazy input, the identity (with shape, dtype and device) of
+every shared tensor, every Python constant (with its type, so 1, 1.0 and True differ) and
+the grad mode. Equal keys mean one call can compute all those nodes. The key is mapped to
+a ``Signature``, which holds what was inferred once for it: output shapes, the batching
+rule, and where the lazy inputs sit in the arguments. This is the hot path of tracing.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import MixedRunError
+from .lazy import LazyTensor
+
+Tensor = torch.Tensor
+_is_grad_enabled = torch.is_grad_enabled
+_SCALARS = (int, float, bool, complex)
+
+OP, CONST, BLOCK, EAGER, VALUE = "op", "const", "block", "eager", "value"
+
+
+class Signature:
+    """What every node with one key shares. Compared by identity: the key -> Signature map
+    makes equal keys one object.
+
+    kind: OP (a torch call), CONST (per-example data stacked at execution), BLOCK (one node
+    for a whole module or function call), EAGER (cannot batch: runs at once per example),
+    VALUE (result is a Python value known at record time, e.g. ``torch.numel``).
+    """
+
+    __slots__ = ("kind", "fn", "rule", "outputs", "structure", "paths", "per_example",
+                 "grad", "value", "name", "__weakref__")
+
+    def __init__(self, kind, fn=None, rule=None, outputs=(), structure=None, paths=(),
+                 per_example=(), grad=False, value=None, name=""):
+        self.kind = kind
+        self.fn = fn
+        self.rule = rule
+        self.outputs = outputs          # tkey of each output
+        self.structure = structure      # None: one tensor; else a type to rebuild outputs
+        self.paths = paths              # where lazy inputs sit: (i,), (i, j) or ("kw", name)
+        self.per_example = per_example  # flags mirroring args, for the rule
+        self.grad = grad
+        self.value = value
+        self.name = name
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(str(tuple(t[0])) for t in self.outputs)
+        return f"<{self.kind} {self.name} -> {shapes}>"
+
+
+class Uncacheable(Exception):
+    pass
+
+
+def _seq_key(seq, inputs, owner, depth_box):
+    parts = [type(seq)]
+    for a in seq:
+        t = type(a)
+        if t is LazyTensor:
+            node = a.node
+            if node.owner is not owner:
+                raise_mixed(owner)
+            inputs.append(node.id)
+            if node.depth > depth_box[0]:
+                depth_box[0] = node.depth
+            parts.append(a.tkey)
+        elif t in _SCALARS:
+            parts.append(t)
+            parts.append(a)
+        elif isinstance(a, Tensor):
+            parts.append((id(a), a.shape, a.dtype, a.device))
+        elif t is list or t is tuple:
+            parts.append(_seq_key(a, inputs, owner, depth_box))
+        elif t is slice:
+            parts.append((slice, a.start, a.stop, a.step))
+        else:
+            parts.append(a)
+    return tuple(parts)
+
+
+def raise_mixed(owner):
+    raise MixedRunError("a lazy tensor from another dynbatch run was used here; lazy tensors "
+                        "belong to the @batched call or autobatch scope that made them "
+                        "(use `.value` to carry a result from one run into another)")
+
+
+def signature_key(fn, args, kwargs, owner):
+    """(key, input node ids, max input depth) of one call. ``owner`` is the recording run."""
+    key = [fn, _is_grad_enabled()]
+    inputs = []
+    depth = -1
+    for a in args:
+        t = type(a)
+        if t is LazyTensor:
+            node = a.node
+            if node.owner is not owner:
+                raise_mixed(owner)
+            inputs.append(node.id)
+            if node.depth > depth:
+                depth = node.depth
+            key.append(a.tkey)
+        elif t in _SCALARS:
+            key.append(t)
+            key.append(a)
+        elif t is list or t is tuple:
+            box = [depth]
+            key.append(_seq_key(a, inputs, owner, box))
+            depth = box[0]
+        elif isinstance(a, Tensor):
+            key.append((id(a), a.shape, a.dtype, a.device))
+        elif t is slice:
+            key.append((slice, a.start, a.stop, a.step))
+        else:
+            key.append(a)
+    if kwargs:
+        for name, a in kwargs.items():
+            key.append(name)
+            t = type(a)
+            if t is LazyTensor:
+                node = a.node
+                if node.owner is not owner:
+                    raise_mixed(owner)
+                inputs.append(node.id)
+                if node.depth > depth:
+                    depth = node.depth
+                key.append(a.tkey)
+            elif t in _SCALARS:
+                key.append(t)
+                key.append(a)
+            elif t is list or t is tuple:
+                box = [depth]
+                key.append(_seq_key(a, inputs, owner, box))
+                depth = box[0]
+            elif isinstance(a, Tensor):
+                key.append((id(a), a.shape, a.dtype, a.device))
+            else:
+                key.append(a)
+    return tuple(key), inputs, depth
+
+
+def layout_of(args, kwargs):
+    """(paths, per_example) of a call: where its lazy inputs sit, and the rule's flags."""
+    paths = []
+    flags = []
+    for i, a in enumerate(args):
+        t = type(a)
+        if t is LazyTensor:
+            paths.append((i,))
+            flags.append(True)
+        elif (t is list or t is tuple) and any(type(x) is LazyTensor for x in a):
+            inner = []
+            for j, x in enumerate(a):
+                lazy = type(x) is LazyTensor
+                if lazy:
+                    paths.append((i, j))
+                inner.append(lazy)
+            flags.append(tuple(inner))
+        else:
+            flags.append(False)
+    for name, a in kwargs.items():
+        if type(a) is LazyTensor:
+            paths.append(("kw", name))
+    return tuple(paths), tuple(flags)
+
+
+def is_cacheable(key) -> bool:
+    """Keys made only of torch callables, tensors' (id, shape, dtype, device), and plain
+    values may be kept across runs: a reused id then still means the same shapes. Keys that
+    hold other objects (modules, user functions) are kept for one run only, so the cache
+    never keeps a user's objects alive."""
+    for part in key[1:]:
+        if not _plain(part):
+            return False
+    return True
+
+
+_PLAIN_TYPES = (int, float, bool, complex, str, type(None), torch.dtype, torch.device,
+                torch.Size, type(Ellipsis), type, torch.layout, torch.memory_format)
+
+
+def _plain(part) -> bool:
+    if isinstance(part, _PLAIN_TYPES):
+        return True
+    if type(part) is tuple:
+        return all(_plain(p) for p in part)
+    return False

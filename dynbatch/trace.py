@@ -1,0 +1,385 @@
+"""Recording: torch calls on per-example data become nodes of the current run's Graph.
+
+Which tensors are per-example: lazy tensors, the tensors found in an example, and every
+tensor made inside the traced code from no lazy input (``torch.tensor(word_id)``,
+``torch.zeros(h)``, ``table[i]``), which becomes a constant node. Everything else reached
+from outside (parameters, buffers, tables) is shared and passed to batched calls as is.
+
+``record(fn, args, kwargs)`` is the hot path: one signature key, one dict lookup, one Node.
+Output shapes are inferred once per signature on meta tensors (real zeros where meta has no
+kernel). The run's TorchFunctionMode sends every torch call made by the traced code here.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from . import lazy, rules
+from .errors import (BlockError, MixedRunError, TraceError, UnsupportedError, raw_site,
+                     where)
+from .graph import Graph, Node
+from .lazy import LazyTensor
+from .signature import (BLOCK, CONST, EAGER, OP, VALUE, Signature, is_cacheable, layout_of,
+                        signature_key)
+
+Tensor = torch.Tensor
+_DisableTorchFunction = torch._C.DisableTorchFunction
+
+_current = None                     # the Run recording now, or None
+_GLOBAL_SIGNATURES: dict = {}       # plain keys -> Signature, kept across runs
+_GLOBAL_LIMIT = 200_000
+
+# Reading a value: these force their lazy inputs and run eagerly on the values.
+_READS = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__int__, Tensor.__float__,
+          Tensor.__index__, Tensor.numpy, torch.equal, torch.allclose, Tensor.equal,
+          Tensor.allclose, torch.is_nonzero, Tensor.is_nonzero, Tensor.__len__,
+          Tensor.__array__, Tensor.__format__, Tensor.__repr__, Tensor.__str__,
+          Tensor.__reduce_ex__, Tensor.__deepcopy__, Tensor.__iter__}
+# Output shape depends on the data: cannot batch; they run per example on forced values.
+_DATA_DEPENDENT = {torch.nonzero, Tensor.nonzero, torch.masked_select, Tensor.masked_select,
+                   torch.unique, Tensor.unique, torch.unique_consecutive,
+                   Tensor.unique_consecutive, torch.argwhere, Tensor.argwhere,
+                   torch.repeat_interleave, Tensor.repeat_interleave, torch.bincount,
+                   Tensor.bincount, torch.histc, Tensor.histc, torch.multinomial,
+                   Tensor.multinomial, torch.nonzero_static}
+# Torch calls that only read metadata: answered from the tkey, never recorded.
+_METADATA = {Tensor.dim, Tensor.size, Tensor.numel, Tensor.is_floating_point,
+             Tensor.is_complex, Tensor.__len__, torch.numel, Tensor.ndimension,
+             Tensor.nelement, Tensor.element_size, Tensor.is_contiguous, Tensor.get_device,
+             Tensor.data_ptr, Tensor.stride, Tensor.storage_offset}
+
+
+class Run:
+    """One @batched call or autobatch scope: the graph being recorded and its lifecycle."""
+
+    __slots__ = ("graph", "strategy", "example", "local_signatures", "closed", "failed",
+                 "stats", "block_trace", "__weakref__")
+
+    def __init__(self, strategy: str, block_trace: bool = False):
+        self.graph = Graph()
+        self.strategy = strategy
+        self.example: int | None = None
+        self.local_signatures: dict = {}
+        self.closed = False
+        self.failed = False
+        self.stats = None
+        self.block_trace = block_trace
+
+
+def current_run():
+    return _current
+
+
+@contextlib.contextmanager
+def recording(run: Run):
+    """Make ``run`` the current run; route torch calls to it; restore everything after."""
+    global _current
+    previous = _current
+    _current = run
+    mode = _Mode()
+    from . import blocks
+    blocks.install()
+    try:
+        with mode:
+            yield run
+    finally:
+        _current = previous
+        blocks.uninstall()
+
+
+@contextlib.contextmanager
+def switched_to(run):
+    """Record into ``run`` (a block's body trace) without touching the mode or patches."""
+    global _current
+    previous = _current
+    _current = run
+    try:
+        yield run
+    finally:
+        _current = previous
+
+
+class _Mode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return dispatch(func, args, kwargs or {})
+
+
+def dispatch(fn, args, kwargs):
+    """Every torch call made while a run records comes here."""
+    run = _current
+    if run is None:
+        return _outside_run(fn, args, kwargs)
+    if fn is _torch_tensor and len(args) == 1 and type(args[0]) in _PY_SCALAR_DTYPE:
+        return _scalar_constant(run, args[0], kwargs)
+    if fn in _METADATA or fn in _READS or fn in _DATA_DEPENDENT:
+        return _special(run, fn, args, kwargs)
+    return record(fn, args, kwargs)
+
+
+def record(fn, args, kwargs):
+    """Record ``fn(*args, **kwargs)`` into the current run; returns lazy output(s)."""
+    run = _current
+    if run is None:
+        return _outside_run(fn, args, kwargs)
+    key, inputs, depth = signature_key(fn, args, kwargs, run)
+    if not inputs:
+        return _eager_constant(run, fn, args, kwargs)
+    info = _GLOBAL_SIGNATURES.get(key)
+    if info is None:
+        info = run.local_signatures.get(key)
+        if info is None:
+            info = _new_signature(run, fn, args, kwargs, key)
+    kind = info.kind
+    if kind is not OP and kind is not BLOCK:
+        if kind is VALUE:
+            return info.value
+        return _special(run, fn, args, kwargs)
+    nodes = run.graph.nodes
+    node = Node(len(nodes), fn, args, kwargs, info, inputs, depth + 1, run.example,
+                raw_site(2), run)
+    nodes.append(node)
+    if info.structure is None:
+        return LazyTensor(node, 0, info.outputs[0])
+    return info.structure([LazyTensor(node, i, t) for i, t in enumerate(info.outputs)])
+
+
+def constant(run: Run, value: Tensor, site=None) -> LazyTensor:
+    """Per-example data: a source node holding a real tensor; stacked at execution."""
+    tkey = (value.shape, value.dtype, value.device)
+    key = (CONST, value.shape, value.dtype, value.device, value.requires_grad)
+    info = _GLOBAL_SIGNATURES.get(key)
+    if info is None:
+        info = _GLOBAL_SIGNATURES[key] = Signature(CONST, outputs=(tkey,), name="constant")
+    nodes = run.graph.nodes
+    node = Node(len(nodes), None, (value,), None, info, (), 0, run.example, site, run)
+    nodes.append(node)
+    return LazyTensor(node, 0, tkey)
+
+
+_torch_tensor = torch.tensor
+_PY_SCALAR_DTYPE = {int: torch.int64, bool: torch.bool, float: None}
+_SCALAR_SHAPE = torch.Size([])
+
+
+def _scalar_constant(run, value, kwargs):
+    """``torch.tensor(word_id)``: the commonest per-example constant. Keep the Python value
+    and make one tensor for the whole batch at execution, instead of one tensor per node
+    now and a stack later."""
+    dtype = kwargs.get("dtype")
+    device = kwargs.get("device")
+    if len(kwargs) > (dtype is not None) + (device is not None):
+        return _eager_constant(run, _torch_tensor, (value,), kwargs)
+    if dtype is None:
+        dtype = _PY_SCALAR_DTYPE[type(value)] or torch.get_default_dtype()
+    device = torch.device(device) if device is not None else _default_device()
+    tkey = (_SCALAR_SHAPE, dtype, device)
+    info = _SCALAR_SIGNATURES.get(tkey)
+    if info is None:
+        info = _SCALAR_SIGNATURES[tkey] = Signature(CONST, fn=_torch_tensor, outputs=(tkey,),
+                                                    name="torch.tensor(scalar)")
+    nodes = run.graph.nodes
+    node = Node(len(nodes), _torch_tensor, (value,), None, info, (), 0, run.example,
+                raw_site(2), run)
+    nodes.append(node)
+    return LazyTensor(node, 0, tkey)
+
+
+_SCALAR_SIGNATURES: dict = {}
+
+
+def _default_device() -> torch.device:
+    return torch.get_default_device() if hasattr(torch, "get_default_device") else \
+        torch.device("cpu")
+
+
+def _eager_constant(run, fn, args, kwargs):
+    """A torch call on no lazy input, inside traced code: run it now; tensor results are
+    per-example data (constants)."""
+    with _DisableTorchFunction():
+        out = fn(*args, **kwargs)
+    if isinstance(out, Tensor):
+        if any(out is a for a in args):
+            return out
+        return constant(run, out, raw_site(3))
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, Tensor) for o in out):
+        site = raw_site(3)
+        return type(out)([constant(run, o, site) for o in out])
+    return out
+
+
+def _special(run, fn, args, kwargs):
+    """Reads, metadata queries and data-dependent ops: never batched nodes."""
+    if fn in _METADATA:
+        meta = _map_lazy(args, kwargs, _meta_of)
+        with _DisableTorchFunction():
+            return fn(*meta[0], **meta[1])
+    if run.block_trace:
+        raise BlockError(f"{rules.name_of(fn)} reads a tensor's value inside a block")
+    values = _map_lazy(args, kwargs, force)
+    with _DisableTorchFunction():
+        out = fn(*values[0], **values[1])
+    if fn in _READS:
+        return out
+    if run.graph is not None and isinstance(out, Tensor):
+        return constant(run, out, raw_site(3))
+    return out
+
+
+def _outside_run(fn, args, kwargs):
+    """A lazy tensor used after its run ended: it has a value; compute eagerly on it."""
+    values = _map_lazy(args, kwargs, force)
+    with _DisableTorchFunction():
+        return fn(*values[0], **values[1])
+
+
+def _map_lazy(args, kwargs, f):
+    def conv(a):
+        t = type(a)
+        if t is LazyTensor:
+            return f(a)
+        if t is list or t is tuple:
+            return t(conv(x) for x in a)
+        return a
+    return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
+
+
+def _meta_of(lt: LazyTensor) -> Tensor:
+    shape, dtype, _ = lt.tkey
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _zeros_of(lt: LazyTensor) -> Tensor:
+    shape, dtype, device = lt.tkey
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _to_meta(args, kwargs):
+    def conv(a):
+        t = type(a)
+        if t is LazyTensor:
+            return _meta_of(a)
+        if t is list or t is tuple:
+            return t(conv(x) for x in a)
+        if isinstance(a, Tensor):
+            return a.detach().to("meta")
+        return a
+    return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
+
+
+def infer(fn, args, kwargs):
+    """One call's output on stand-ins of its inputs (no grad): real zeros, which cost one
+    small call per new signature, else meta tensors (zeros can hit a value-dependent error,
+    e.g. a singular matrix). Not meta first: the first meta kernel imports torch._dynamo,
+    about 2 s per process."""
+    with _DisableTorchFunction(), torch.no_grad():
+        zargs, zkwargs = _map_lazy(args, kwargs, _zeros_of)
+        try:
+            return fn(*zargs, **zkwargs)
+        except Exception as err:
+            first = err
+        try:
+            margs, mkwargs = _to_meta(args, kwargs)
+            return fn(*margs, **mkwargs)
+        except Exception:
+            raise first from None
+
+
+def _new_signature(run, fn, args, kwargs, key) -> Signature:
+    name = rules.name_of(fn)
+    try:
+        out = infer(fn, args, kwargs)
+    except Exception as err:
+        raise TraceError(f"{name} failed for {where(run.example, raw_site(3))}\n"
+                         f"  {type(err).__name__}: {err}") from err
+    paths, flags = layout_of(args, kwargs)
+    grad = key[1]
+    if isinstance(out, Tensor):
+        info = Signature(OP, fn, None, ((out.shape, out.dtype, _device_of(out, args)),),
+                         None, paths, flags, grad, name=name)
+    elif isinstance(out, (tuple, list)) and out and all(isinstance(o, Tensor) for o in out):
+        structure = type(out)
+        if structure is not tuple and structure is not list:
+            structure = _structseq_builder(structure)
+        outputs = tuple((o.shape, o.dtype, _device_of(o, args)) for o in out)
+        info = Signature(OP, fn, None, outputs, structure, paths, flags, grad, name=name)
+    else:  # a Python value may depend on the data: compute it per example, on values
+        info = Signature(EAGER, fn, name=name)
+    if info.kind is OP:
+        if any(p[0] == "kw" for p in paths):
+            info.rule = lambda f, a, k, _pe, _paths=paths: rules.vmap_kwargs_rule(f, a, k,
+                                                                                  _paths)
+        else:
+            info.rule = rules.rule_for(fn)
+    if is_cacheable(key):
+        if len(_GLOBAL_SIGNATURES) > _GLOBAL_LIMIT:
+            _GLOBAL_SIGNATURES.clear()
+        _GLOBAL_SIGNATURES[key] = info
+    else:
+        run.local_signatures[key] = info
+    return info
+
+
+def _structseq_builder(cls):
+    return lambda items: cls(items)
+
+
+def _device_of(out: Tensor, args) -> torch.device:
+    if out.device.type != "meta":
+        return out.device
+    for a in args:
+        if type(a) is LazyTensor:
+            return a.tkey[2]
+        if type(a) in (list, tuple):
+            for x in a:
+                if type(x) is LazyTensor:
+                    return x.tkey[2]
+    return torch.device("cpu")
+
+
+def force(lt: LazyTensor) -> Tensor:
+    """The real value of a lazy tensor, executing its run's pending work first."""
+    node = lt.node
+    if node.batch is None:
+        run = node.owner
+        if run.block_trace:
+            raise BlockError("a block's body reads a tensor's value "
+                             f"(at {where(run.example, node.site)})")
+        if run.closed:
+            raise MixedRunError("this lazy tensor's run ended before it was computed "
+                                "(the run failed); recompute it in a new run")
+        from .execute import execute_pending
+        execute_pending(run)
+    if lt._value is None:
+        lt._value = node.batch[lt.index][node.row]
+    return lt._value
+
+
+def unsupported(message: str):
+    run = _current
+    example = run.example if run is not None else None
+    raise UnsupportedError(f"{message} is not supported ({where(example, raw_site(3))}); "
+                           "write it out of place")
+
+
+def wrap_example(run: Run, example):
+    """Tensors that are the example or sit in its plain lists, tuples and dicts become
+    per-example constants; anything else (nltk Trees, dataclasses...) is left as it is."""
+    t = type(example)
+    if isinstance(example, Tensor):
+        return constant(run, example)
+    if t is list or t is tuple:
+        if any(isinstance(x, (Tensor, list, tuple, dict)) for x in example):
+            return t(wrap_example(run, x) for x in example)
+        return example
+    if t is dict:
+        return {k: wrap_example(run, v) for k, v in example.items()}
+    return example
+
+
+lazy._record = record
+lazy._dispatch = dispatch
+lazy._force = force
+lazy._unsupported = unsupported

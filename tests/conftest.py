@@ -1,0 +1,44 @@
+"""Shared fixtures: float64 everywhere, STRICT mode on request, a seeded RNG.
+
+Every comparison in the core suite is made in float64 with atol 1e-8, so a difference in
+the batched computation (not float rounding) is what fails a test.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import dynbatch.rules as rules
+
+ATOL = 1e-8
+RTOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def strict():
+    """A per-example fallback (rules.loop_rule) raises FallbackError instead of running."""
+    old = rules.STRICT
+    rules.STRICT = True
+    try:
+        yield
+    finally:
+        rules.STRICT = old
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    """A seeded Python RNG; torch's global generator is seeded too, for parameter init."""
+    torch.manual_seed(0)
+    return random.Random(0)

@@ -1,0 +1,280 @@
+"""Schedules as pure data: literal graphs with exact expected batches, and random-DAG
+properties. No torch here: schedule.py must work (and be testable) without it.
+
+A graph is three parallel lists, one entry per node in recording (topological) order:
+``signatures[i]`` (any hashable), ``inputs[i]`` (node numbers + offset) and ``depths[i]``
+(longest path from a source).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dynbatch.schedule as schedule_mod
+from dynbatch.schedule import STRATEGIES, Batch, agenda_schedule, depth_schedule, schedule
+
+
+def as_lists(batches):
+    return [(b.signature, list(b.nodes)) for b in batches]
+
+
+def depths_of(inputs, offset=0):
+    depths = []
+    for ins in inputs:
+        local = [j - offset for j in ins if j >= offset]
+        depths.append(max((depths[j] + 1 for j in local), default=0))
+    return depths
+
+
+def test_schedule_module_imports_no_torch():
+    import dynbatch.schedule as mod
+    source = open(mod.__file__).read()
+    assert "import torch" not in source
+    assert "from torch" not in source
+
+
+def test_batch_is_frozen_data():
+    b = Batch("sig", (1, 2))
+    assert b == Batch("sig", (1, 2))
+    with pytest.raises(Exception):
+        b.nodes = (3,)  # type: ignore[misc]
+
+
+# -- literal graphs ------------------------------------------------------------------------
+
+# Two binary trees: ((l0 l1) ) and (l3 (l4 l5)).
+TREES_SIGS = ["leaf", "leaf", "node", "leaf", "leaf", "leaf", "node", "node"]
+TREES_INPUTS = [[], [], [0, 1], [], [], [], [4, 5], [3, 6]]
+TREES_DEPTHS = [0, 0, 1, 0, 0, 0, 1, 2]
+
+
+def test_literal_trees_depth():
+    got = depth_schedule(TREES_SIGS, TREES_INPUTS, TREES_DEPTHS)
+    assert as_lists(got) == [("leaf", [0, 1, 3, 4, 5]), ("node", [2, 6]), ("node", [7])]
+    assert all(type(b) is Batch for b in got)
+
+
+def test_literal_trees_agenda():
+    got = agenda_schedule(TREES_SIGS, TREES_INPUTS, TREES_DEPTHS)
+    assert as_lists(got) == [("leaf", [0, 1, 3, 4, 5]), ("node", [2, 6]), ("node", [7])]
+
+
+# Two signatures at the same depth: depth keeps first-recorded order within a depth.
+MIXED_SIGS = ["x", "y", "x", "f", "g", "f", "g"]
+MIXED_INPUTS = [[], [], [], [0], [1], [2], [3, 5]]
+MIXED_DEPTHS = [0, 0, 0, 1, 1, 1, 2]
+
+
+def test_literal_mixed_depth():
+    got = depth_schedule(MIXED_SIGS, MIXED_INPUTS, MIXED_DEPTHS)
+    assert as_lists(got) == [("x", [0, 2]), ("y", [1]), ("f", [3, 5]), ("g", [4]),
+                             ("g", [6])]
+
+
+def test_literal_mixed_agenda():
+    # Sources: x:[0, 2] and y:[1], both average depth 0 -> the larger group, x, first.
+    # Then ready: f:[3, 5] (avg 1) and y:[1] (avg 0) -> y; then f:[3, 5] (avg 1) and
+    # g:[4] (avg 1) -> the larger, f; that releases 6, joining 4 in one g group (avg 1.5).
+    got = agenda_schedule(MIXED_SIGS, MIXED_INPUTS, MIXED_DEPTHS)
+    assert as_lists(got) == [("x", [0, 2]), ("y", [1]), ("f", [3, 5]), ("g", [4, 6])]
+
+
+# Same-signature chains of different lengths across examples: examples 0 and 1 are
+# k -> c -> a, example 2 is k -> a. By depth, example 2's `a` (depth 1) and the others'
+# `a` (depth 2) land in different batches; the agenda runs the larger ready group `c`
+# first (same average depth, ties to the larger group), so all three `a` run together.
+CHAINS_SIGS = ["k", "c", "a", "k", "c", "a", "k", "a"]
+CHAINS_INPUTS = [[], [0], [1], [], [3], [4], [], [6]]
+CHAINS_DEPTHS = [0, 1, 2, 0, 1, 2, 0, 1]
+
+
+def test_agenda_beats_depth_on_chains_of_different_lengths():
+    d = depth_schedule(CHAINS_SIGS, CHAINS_INPUTS, CHAINS_DEPTHS)
+    a = agenda_schedule(CHAINS_SIGS, CHAINS_INPUTS, CHAINS_DEPTHS)
+    assert as_lists(d) == [("k", [0, 3, 6]), ("c", [1, 4]), ("a", [7]), ("a", [2, 5])]
+    assert as_lists(a) == [("k", [0, 3, 6]), ("c", [1, 4]), ("a", [7, 2, 5])]
+    assert len(a) < len(d)
+
+
+def test_agenda_beats_depth_whatever_the_example_order():
+    # The same three examples, the short one recorded first: the result must not hinge on
+    # first-recorded order, since the group sizes decide.
+    sigs = ["k", "a", "k", "c", "a", "k", "c", "a"]
+    inputs = [[], [0], [], [2], [3], [], [5], [6]]
+    depths = depths_of(inputs)
+    a = agenda_schedule(sigs, inputs, depths)
+    assert as_lists(a) == [("k", [0, 2, 5]), ("c", [3, 6]), ("a", [1, 4, 7])]
+    assert len(depth_schedule(sigs, inputs, depths)) == 4
+
+
+def test_agenda_prefers_lowest_average_depth():
+    # Three ready sources: "a" at depths 5 and 1 (average 3) and "b" at depth 0.
+    got = agenda_schedule(["a", "b", "a"], [[], [], []], [5, 0, 1])
+    assert as_lists(got) == [("b", [1]), ("a", [0, 2])]
+
+
+def test_agenda_lower_average_beats_larger_group():
+    got = agenda_schedule(["a", "a", "a", "b"], [[], [], [], []], [2, 2, 2, 1])
+    assert as_lists(got) == [("b", [3]), ("a", [0, 1, 2])]
+
+
+def test_agenda_ties_go_to_the_larger_group():
+    got = agenda_schedule(["a", "b", "b"], [[], [], []], [1, 1, 1])
+    assert as_lists(got) == [("b", [1, 2]), ("a", [0])]
+
+
+def test_agenda_full_tie_goes_to_first_seen():
+    got = agenda_schedule(["a", "b"], [[], []], [0, 0])
+    assert as_lists(got) == [("a", [0]), ("b", [1])]
+    got = agenda_schedule(["b", "a"], [[], []], [0, 0])
+    assert as_lists(got) == [("b", [0]), ("a", [1])]
+
+
+def test_agenda_waits_for_every_input_and_duplicates():
+    # Node 2 reads node 0 twice and node 1 once; it runs only after both.
+    sigs = ["x", "y", "z"]
+    inputs = [[], [0], [0, 0, 1]]
+    got = agenda_schedule(sigs, inputs, depths_of(inputs))
+    assert as_lists(got) == [("x", [0]), ("y", [1]), ("z", [2])]
+
+
+def test_empty_graph():
+    for strategy in STRATEGIES:
+        assert schedule(strategy, [], [], []) == []
+
+
+def test_offset_ignores_already_executed_inputs():
+    # A second execution of a run: nodes 10..13 pending, 0..9 already executed.
+    # Local node 0 reads executed node 3 only; node 1 reads local 0 (=10) and executed 7.
+    offset = 10
+    sigs = ["f", "g", "f", "g"]
+    inputs = [[3], [10, 7], [2], [12, 11]]
+    depths = [4, 5, 1, 6]
+    d = depth_schedule(sigs, inputs, depths, offset)
+    a = agenda_schedule(sigs, inputs, depths, offset)
+    assert as_lists(d) == [("f", [2]), ("f", [0]), ("g", [1]), ("g", [3])]
+    # agenda: ready f:[0, 2] (avg 2.5) -> run both; then g:[1] (11 done) ; then g:[3].
+    assert as_lists(a) == [("f", [0, 2]), ("g", [1]), ("g", [3])]
+    for batches in (d, a):
+        assert sorted(i for b in batches for i in b.nodes) == [0, 1, 2, 3]
+        check_valid(batches, sigs, inputs, offset)
+
+
+def test_offset_zero_default_equals_explicit():
+    for fn in (agenda_schedule, depth_schedule):
+        assert fn(TREES_SIGS, TREES_INPUTS, TREES_DEPTHS) == \
+            fn(TREES_SIGS, TREES_INPUTS, TREES_DEPTHS, 0)
+
+
+def test_agenda_rejects_a_cycle():
+    with pytest.raises(ValueError):
+        agenda_schedule(["a", "b"], [[1], [0]], [0, 0])
+
+
+def test_unknown_strategy():
+    with pytest.raises(ValueError, match="unknown strategy"):
+        schedule("breadth", ["a"], [[]], [0])
+
+
+def test_schedule_dispatches():
+    assert schedule("depth", CHAINS_SIGS, CHAINS_INPUTS, CHAINS_DEPTHS) == \
+        depth_schedule(CHAINS_SIGS, CHAINS_INPUTS, CHAINS_DEPTHS)
+    assert schedule("agenda", CHAINS_SIGS, CHAINS_INPUTS, CHAINS_DEPTHS) == \
+        agenda_schedule(CHAINS_SIGS, CHAINS_INPUTS, CHAINS_DEPTHS)
+
+
+def test_schedule_runs_without_torch():
+    # Load schedule.py on its own in a fresh interpreter: it must not pull torch in.
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('s', {schedule_mod.__file__!r})\n"
+        "m = sys.modules['s'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(m)\n"
+        "b = m.agenda_schedule(['a', 'a'], [[], [0]], [0, 1])\n"
+        "assert [x.nodes for x in b] == [(0,), (1,)], b\n"
+        "assert 'torch' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- properties over random DAGs -----------------------------------------------------------
+
+def check_valid(batches, sigs, inputs, offset=0):
+    n = len(sigs)
+    position = {}
+    for k, b in enumerate(batches):
+        assert len(b.nodes) > 0, f"empty batch {k}"
+        for i in b.nodes:
+            assert 0 <= i < n
+            assert i not in position, f"node {i} scheduled twice"
+            position[i] = k
+            assert sigs[i] == b.signature, f"node {i} ({sigs[i]!r}) in a {b.signature!r} batch"
+    assert sorted(position) == list(range(n)), "some node never scheduled"
+    for i, ins in enumerate(inputs):
+        for j in ins:
+            j -= offset
+            if j >= 0:
+                assert position[j] < position[i], f"node {i} runs before its input {j}"
+
+
+@st.composite
+def dags(draw):
+    n = draw(st.integers(0, 40))
+    offset = draw(st.sampled_from([0, 0, 5]))
+    alphabet = draw(st.integers(1, 4))
+    sigs = [draw(st.sampled_from("abcd"[:alphabet])) for _ in range(n)]
+    inputs = []
+    for i in range(n):
+        k = draw(st.integers(0, min(3, i) if i else 0))
+        ins = [draw(st.integers(0, i - 1)) + offset for _ in range(k)] if i else []
+        if offset and draw(st.booleans()):
+            ins.append(draw(st.integers(0, offset - 1)))     # an already-executed input
+        inputs.append(ins)
+    return sigs, inputs, depths_of(inputs, offset), offset
+
+
+@settings(max_examples=50, deadline=None)
+@given(dags())
+def test_depth_schedule_properties(graph):
+    sigs, inputs, depths, offset = graph
+    batches = depth_schedule(sigs, inputs, depths, offset)
+    check_valid(batches, sigs, inputs, offset)
+    # one depth per batch, shallow first, one batch per (depth, signature)
+    seen = set()
+    last = -1
+    for b in batches:
+        ds = {depths[i] for i in b.nodes}
+        assert len(ds) == 1
+        d = ds.pop()
+        assert d >= last
+        last = d
+        assert (d, b.signature) not in seen
+        seen.add((d, b.signature))
+    if sigs:
+        assert len(batches) <= (max(depths) + 1) * len(set(sigs))
+
+
+@settings(max_examples=50, deadline=None)
+@given(dags())
+def test_agenda_schedule_properties(graph):
+    sigs, inputs, depths, offset = graph
+    batches = agenda_schedule(sigs, inputs, depths, offset)
+    check_valid(batches, sigs, inputs, offset)
+    # Replay: each batch is ALL the ready nodes of its signature, and that group has the
+    # lowest (average depth, -size) among the ready groups.
+    done: set[int] = set()
+    for b in batches:
+        ready: dict = {}
+        for i in range(len(sigs)):
+            if i not in done and all(j - offset < 0 or j - offset in done for j in inputs[i]):
+                ready.setdefault(sigs[i], []).append(i)
+        assert sorted(b.nodes) == sorted(ready[b.signature])
+        key = {s: (sum(depths[i] for i in m) / len(m), -len(m)) for s, m in ready.items()}
+        assert key[b.signature] == min(key.values())
+        done.update(b.nodes)
+    # Never more batches than nodes, and never fewer than the number of signatures.
+    assert len(batches) <= len(sigs)
+    assert len(batches) >= len(set(sigs))
