@@ -18,7 +18,8 @@ from torch import nn
 from . import rules, trace
 from .errors import BlockError, TraceError, where, raw_site
 from .lazy import LazyTensor
-from .signature import BLOCK, CONST, Signature, layout_of
+from .graph import Node
+from .signature import BLOCK, CONST, Signature, layout_of, signature_key
 
 BUILTIN_BLOCKS = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 _original_call = nn.Module.__call__
@@ -107,13 +108,11 @@ def record_block(fn, args, kwargs):
     """Record one block call. The signature lives for this run only: a block's batched form
     closes over the module's current parameters, which may be replaced between runs."""
     run = trace._current
-    from .signature import signature_key
     key, inputs, depth = signature_key(fn, args, kwargs, run)
     info = run.local_signatures.get(key)
     if info is None:
         info = _new_block_signature(run, fn, args, kwargs)
         run.local_signatures[key] = info
-    from .graph import Node
     nodes = run.graph.nodes
     node = Node(len(nodes), fn, args, kwargs, info, inputs, depth + 1, run.example,
                 raw_site(2), run)
@@ -142,8 +141,10 @@ def _new_block_signature(run, fn, args, kwargs) -> Signature:
             raise TraceError(f"{name} failed for {where(run.example, raw_site(3))}\n"
                              f"  {type(err).__name__}: {err}") from err
         outputs, structure = _output_spec(out)
-        return Signature(BLOCK, fn, rules.native_module_rule, outputs, structure, paths,
+        info = Signature(BLOCK, fn, rules.native_module_rule, outputs, structure, paths,
                          flags, torch.is_grad_enabled(), name=name)
+        info.direct = rules.specialize(info.rule, fn, args, kwargs, flags)
+        return info
     program = _trace_body(run, fn, args, kwargs, paths, name)
     return Signature(BLOCK, fn, program, program.outputs, program.structure, paths, flags,
                      torch.is_grad_enabled(), name=name)
@@ -199,7 +200,7 @@ def _trace_body(run, fn, args, kwargs, paths, name) -> "Program":
         raise TraceError(f"block {name} failed for {where(run.example, raw_site(3))}\n"
                          f"  {type(err).__name__}: {err}") from err
     with torch._C.DisableTorchFunction():   # building the program must record nothing
-        return Program(sub, placeholders, out, name)
+        return Program(sub, placeholders, out, name, paths)
 
 
 class _ArgumentMarker:
@@ -211,37 +212,81 @@ _ARGUMENT = _ArgumentMarker()
 
 
 class Program:
-    """A block body compiled for replay: a list of steps over a value table. Slot k holds
-    the k-th node's value and whether it is batched (NOTE [batch dim])."""
+    """A block body compiled for replay on a whole batch: straight-line Python generated
+    once per signature (as torch.fx generates code), one line per recorded op. Where a
+    rule's decision is fixed by the signature (``rules.specialize``) the line is the plain
+    batched torch call; elsewhere it calls the rule. Values that depend on no argument are
+    computed unbatched (NOTE [batch dim]) and expanded only if returned."""
 
-    def __init__(self, sub, placeholders, out, name):
+    def __init__(self, sub, placeholders, out, name, paths):
         self.name = name
         nodes = sub.graph.nodes
-        self.n_slots = len(nodes)
-        self.arg_slots = [p.id for p in placeholders]
-        self.steps = []
-        self.constants = []
         batched = [False] * len(nodes)
         for p in placeholders:
             batched[p.id] = True
+        namespace = {"_expand": _expand_rows}
+        consts = {}
+        lines = []
+        for k, (ph, path) in enumerate(zip(placeholders, paths)):
+            src = f"_args[{path[0]}]" if len(path) == 1 else f"_args[{path[0]}][{path[1]}]"
+            lines.append(f"s{ph.id} = {src}")
+        lines.append(f"_B = s{placeholders[0].id}.shape[0]")
+
+        def const(value) -> str:
+            name = consts.get(id(value))
+            if name is None:
+                name = consts[id(value)] = f"k{len(consts)}"
+                namespace[name] = value
+            return name
+
+        multi = {}
         for node in nodes:
             if node.fn is _ARGUMENT:
                 continue
-            if node.info.kind is CONST:
+            info = node.info
+            if info.kind is CONST:
                 value = node.args[0]
                 if not isinstance(value, torch.Tensor):   # a torch.tensor(scalar) constant
-                    _, dtype, device = node.info.outputs[0]
+                    _, dtype, device = info.outputs[0]
                     value = torch.tensor(value, dtype=dtype, device=device)
-                self.constants.append((node.id, value))
+                namespace[f"s{node.id}"] = value
                 continue
-            refs = []
-            for path in node.info.paths:
-                lt = node.args[path[0]] if len(path) == 1 else node.args[path[0]][path[1]]
-                refs.append((path, lt.node.id, lt.index))
-            any_batched = any(batched[r[1]] for r in refs)
+            multi[node.id] = info.structure is not None
+            any_batched = any(batched[i] for i in node.inputs)
             batched[node.id] = any_batched
-            self.steps.append((node.id, node.fn, node.args, node.kwargs or {}, node.info, refs,
-                               any_batched, node.info.structure is not None))
+            pe = _flags(node.args, batched)
+            fn = node.fn
+            call_fn = fn
+            args = list(node.args)
+            kwargs = dict(node.kwargs or {})
+            generic = False
+            if not any_batched:
+                if isinstance(fn, nn.Module):
+                    call_fn = functools.partial(_original_call, fn)
+            else:
+                spec = rules.specialize(info.rule, fn, node.args, node.kwargs or {}, pe)
+                if spec is not None:
+                    call_fn, edits = spec
+                    kwargs = rules.apply_edits(args, kwargs, edits)
+                else:
+                    generic = True
+            # A nested block sees all its tensor inputs batched: expand the unbatched ones.
+            expand = batched if info.kind is BLOCK and not _all_batched(pe) else None
+            if expand is not None:
+                pe = _flags(node.args, [True] * len(batched))
+            rendered = [_render(a, const, multi, expand) for a in args]
+            rendered_kw = [f"{k}={_render(v, const, multi, expand)}"
+                           for k, v in kwargs.items()]
+            fname = const(call_fn)
+            if generic:
+                kw = "{" + ", ".join(f"{k!r}: {_render(v, const, multi, expand)}"
+                                     for k, v in kwargs.items()) + "}"
+                line = (f"s{node.id} = {const(info.rule)}({fname}, "
+                        f"({', '.join(rendered)}{',' if len(rendered) == 1 else ''}), "
+                        f"{kw}, {const(pe)})")
+            else:
+                line = f"s{node.id} = {fname}({', '.join(rendered + rendered_kw)})"
+            lines.append(line)
         if isinstance(out, LazyTensor):
             outs, self.structure = [out], None
         elif isinstance(out, (tuple, list)) and all(isinstance(o, LazyTensor) for o in out):
@@ -249,84 +294,65 @@ class Program:
         else:
             raise BlockError(f"block {name} must return per-example tensors (a tensor or a "
                              f"tuple of them), got {type(out).__name__}")
+        results = []
         for o in outs:
             if o.node.owner is not sub:
                 raise BlockError(f"block {name} returns a tensor it did not compute from "
                                  "its arguments")
+            ref = _ref(o, multi)
+            results.append(ref if batched[o.node.id] else f"_expand({ref}, _B)")
+        if self.structure is None:
+            lines.append(f"return {results[0]}")
+        else:
+            lines.append(f"return {const(self.structure)}([{', '.join(results)}])")
         self.outputs = tuple(o.tkey for o in outs)
-        self.out_refs = [(o.node.id, o.index, batched[o.node.id]) for o in outs]
+        self.source = ("def replay(_fn, _args, _kwargs, _pe):\n" +
+                       "".join(f"    {line}\n" for line in lines))
+        exec(compile(self.source, f"<dynbatch block {name}>", "exec"), namespace)
+        self.replay = namespace["replay"]
 
     def __call__(self, fn, args, kwargs, per_example):
-        values = [None] * self.n_slots
-        flags = [False] * self.n_slots
-        k = 0
-        n = None
-        for a, pe in zip(args, per_example):
-            if pe is True:
-                values[self.arg_slots[k]] = (a,)
-                flags[self.arg_slots[k]] = True
-                n = a.shape[0]
-                k += 1
-            elif type(pe) is tuple:
-                for x, p in zip(a, pe):
-                    if p:
-                        values[self.arg_slots[k]] = (x,)
-                        flags[self.arg_slots[k]] = True
-                        n = x.shape[0]
-                        k += 1
-        for slot, value in self.constants:
-            values[slot] = (value,)
-        for slot, step_fn, sargs, skwargs, info, refs, any_batched, multi in self.steps:
-            call_args = list(sargs)
-            call_kwargs = dict(skwargs) if skwargs else skwargs
-            for path, src, index in refs:
-                v = values[src][index]
-                if len(path) == 1:
-                    call_args[path[0]] = v
-                elif path[0] == "kw":
-                    call_kwargs[path[1]] = v
-                else:
-                    seq = list(call_args[path[0]])
-                    seq[path[1]] = v
-                    call_args[path[0]] = type(sargs[path[0]])(seq)
-            if not any_batched:
-                out = (step_fn if not isinstance(step_fn, nn.Module) else
-                       functools.partial(_original_call, step_fn))(*call_args, **call_kwargs)
-            else:
-                pe = _flags_for(sargs, refs, flags)
-                if info.kind is BLOCK and not _all_batched(pe):
-                    call_args, pe = _expand_shared(call_args, pe, n)
-                out = info.rule(step_fn, tuple(call_args), call_kwargs, pe)
-            values[slot] = tuple(out) if multi else (out,)
-            flags[slot] = any_batched
-        results = []
-        for slot, index, is_batched in self.out_refs:
-            v = values[slot][index]
-            results.append(v if is_batched else v.unsqueeze(0).expand(n, *v.shape))
-        return results[0] if self.structure is None else self.structure(results)
+        return self.replay(fn, args, kwargs, per_example)
 
 
-def _flags_for(sargs, refs, flags):
-    pe = [False] * len(sargs)
-    for path, src, _ in refs:
-        if path[0] == "kw":
-            continue
-        if len(path) == 1:
-            pe[path[0]] = flags[src]
+def _ref(lt, multi) -> str:
+    return f"s{lt.node.id}[{lt.index}]" if multi.get(lt.node.id) else f"s{lt.node.id}"
+
+
+def _render(a, const, multi, expand=None) -> str:
+    """Source text for one argument: a slot reference, a literal, or a named constant."""
+    t = type(a)
+    if t is LazyTensor:
+        ref = _ref(a, multi)
+        return ref if expand is None or expand[a.node.id] else f"_expand({ref}, _B)"
+    if (t is list or t is tuple) and any(type(x) is LazyTensor for x in a):
+        inner = ", ".join(_render(x, const, multi, expand) for x in a)
+        return f"[{inner}]" if t is list else f"({inner},)"
+    if t in (int, bool, str, type(None)) or (t is float and a == a and abs(a) != float("inf")):
+        return repr(a)
+    return const(a)
+
+
+def _flags(args, batched):
+    """The rule's per-example flags for a step: which lazy inputs are batched."""
+    flags = []
+    for a in args:
+        t = type(a)
+        if t is LazyTensor:
+            flags.append(batched[a.node.id])
+        elif (t is list or t is tuple) and any(type(x) is LazyTensor for x in a):
+            flags.append(tuple(type(x) is LazyTensor and batched[x.node.id] for x in a))
         else:
-            inner = list(pe[path[0]]) if type(pe[path[0]]) is tuple else \
-                [False] * len(sargs[path[0]])
-            inner[path[1]] = flags[src]
-            pe[path[0]] = tuple(inner)
-    return tuple(pe)
+            flags.append(False)
+    return tuple(flags)
 
 
 def _all_batched(pe) -> bool:
-    return all(p is False or p is True or all(p) for p in pe)
+    return all(p is True or p is False or all(p) for p in pe)
 
 
-def _expand_shared(call_args, pe, n):
-    return call_args, pe  # nested blocks with mixed inputs: their rules expand as needed
+def _expand_rows(value, n):
+    return value.unsqueeze(0).expand(n, *value.shape)
 
 
 class _PerExampleProgram:

@@ -70,23 +70,30 @@ def run_batch(nodes, info) -> None:
         first = nodes[0]
         args = list(first.args)
         kwargs = first.kwargs or {}
+        direct = info.direct
+        if direct is not None and direct[1]:
+            kwargs = rules.apply_edits(args, kwargs, direct[1])
         if kwargs and any(p[0] == "kw" for p in info.paths):
             kwargs = dict(kwargs)
+        memo = [None, None]
         for path in info.paths:
             if len(path) == 1:
-                args[path[0]] = gather([n.args[path[0]] for n in nodes])
+                args[path[0]] = gather([n.args[path[0]] for n in nodes], memo)
             elif path[0] == "kw":
-                kwargs[path[1]] = gather([n.kwargs[path[1]] for n in nodes])
+                kwargs[path[1]] = gather([n.kwargs[path[1]] for n in nodes], memo)
             else:
                 i, j = path
                 if args[i] is first.args[i]:
                     args[i] = list(args[i])
-                args[i][j] = gather([n.args[i][j] for n in nodes])
+                args[i][j] = gather([n.args[i][j] for n in nodes], memo)
         for i, a in enumerate(args):
             if type(a) is list and type(first.args[i]) is tuple:
                 args[i] = tuple(a)
         try:
-            out = info.rule(first.fn, tuple(args), kwargs, info.per_example)
+            if direct is not None:
+                out = direct[0](*args, **kwargs)
+            else:
+                out = info.rule(first.fn, tuple(args), kwargs, info.per_example)
         except rules.FallbackError:
             raise
         except Exception as err:
@@ -102,56 +109,87 @@ def value_of(lt) -> Tensor:
     return node.batch[lt.index][node.row]
 
 
-def gather(column) -> Tensor:
-    """Stack the values of a list of executed lazy tensors along a new dim 0."""
-    lt0 = column[0]
-    n0 = lt0.node
-    batch0 = n0.batch
-    index0 = lt0.index
-    rows = []
+_SLICE, _INDEX, _MANY = 0, 1, 2
+
+
+def gather(column, memo=None) -> Tensor:
+    """Stack the values of executed lazy tensors (one output index throughout) along a
+    new dim 0. ``memo`` carries the last plan within one batch: the columns of a block's
+    (h, c) inputs come from the same nodes, so their rows are located once."""
+    index = column[0].index
+    nodes = []
     for lt in column:
-        node = lt.node
-        if node.batch is not batch0 or lt.index != index0:
-            return _gather_many(column)
+        if lt.index != index:
+            return _gather_mixed(column)
+        nodes.append(lt.node)
+    if memo is not None and memo[0] == nodes:   # list ==: identity of the same nodes
+        plan = memo[1]
+    else:
+        plan = _plan(nodes)
+        if memo is not None:
+            memo[0], memo[1] = nodes, plan
+    return _apply(plan, index)
+
+
+def _plan(nodes):
+    batch = nodes[0].batch
+    rows = []
+    for node in nodes:
+        if node.batch is not batch:
+            return _plan_many(nodes)
         rows.append(node.row)
-    src = batch0[index0]
     r0 = rows[0]
     n = len(rows)
     if rows[-1] - r0 == n - 1 and rows == list(range(r0, r0 + n)):
-        if r0 == 0 and n == src.shape[0]:
-            return src
-        return src[r0:r0 + n]          # a view: the rows already lie in order
+        return (_SLICE, batch, r0, n)
     # index_select, not stack: the rows live in one tensor, so one gather kernel
-    return src.index_select(0, torch.tensor(rows, device=src.device))
+    return (_INDEX, batch, torch.tensor(rows, device=batch[0].device))
 
 
-def _gather_many(column) -> Tensor:
+def _plan_many(nodes):
     groups: dict = {}
-    for pos, lt in enumerate(column):
-        node = lt.node
-        key = (id(node.batch), lt.index)
-        group = groups.get(key)
+    for pos, node in enumerate(nodes):
+        group = groups.get(id(node.batch))
         if group is None:
-            groups[key] = group = (node.batch[lt.index], [], [])
+            groups[id(node.batch)] = group = (node.batch, [], [])
         group[1].append(pos)
         group[2].append(node.row)
     parts = []
     order = []
-    for src, positions, rows in groups.values():
-        r0 = rows[0]
-        n = len(rows)
-        if rows == list(range(r0, r0 + n)):
-            parts.append(src if r0 == 0 and n == src.shape[0] else src[r0:r0 + n])
-        else:
-            parts.append(src.index_select(0, torch.tensor(rows, device=src.device)))
+    for batch, positions, rows in groups.values():
+        parts.append(_plan_rows(batch, rows))
         order.extend(positions)
-    joined = torch.cat(parts)
     if order == list(range(len(order))):
-        return joined
+        return (_MANY, parts, None)
     inverse = [0] * len(order)
     for k, pos in enumerate(order):
         inverse[pos] = k
-    return joined.index_select(0, torch.tensor(inverse, device=joined.device))
+    return (_MANY, parts, torch.tensor(inverse, device=nodes[0].batch[0].device))
+
+
+def _plan_rows(batch, rows):
+    r0 = rows[0]
+    n = len(rows)
+    if rows == list(range(r0, r0 + n)):
+        return (_SLICE, batch, r0, n)
+    return (_INDEX, batch, torch.tensor(rows, device=batch[0].device))
+
+
+def _apply(plan, index) -> Tensor:
+    kind = plan[0]
+    if kind == _SLICE:
+        src = plan[1][index]
+        r0, n = plan[2], plan[3]
+        return src if r0 == 0 and n == src.shape[0] else src[r0:r0 + n]   # a view
+    if kind == _INDEX:
+        return plan[1][index].index_select(0, plan[2])
+    joined = torch.cat([_apply(part, index) for part in plan[1]])
+    return joined if plan[2] is None else joined.index_select(0, plan[2])
+
+
+def _gather_mixed(column) -> Tensor:
+    """Rows from different outputs of multi-output nodes: rare; one row at a time."""
+    return torch.stack([value_of(lt) for lt in column])
 
 
 def _per_example(node):

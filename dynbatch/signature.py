@@ -31,7 +31,7 @@ class Signature:
     """
 
     __slots__ = ("kind", "fn", "rule", "outputs", "structure", "paths", "per_example",
-                 "grad", "value", "name", "__weakref__")
+                 "grad", "value", "name", "direct", "__weakref__")
 
     def __init__(self, kind, fn=None, rule=None, outputs=(), structure=None, paths=(),
                  per_example=(), grad=False, value=None, name=""):
@@ -45,6 +45,7 @@ class Signature:
         self.grad = grad
         self.value = value
         self.name = name
+        self.direct = None              # rules.specialize's (fn, edits), when it applies
 
     def __repr__(self) -> str:
         shapes = ", ".join(str(tuple(t[0])) for t in self.outputs)

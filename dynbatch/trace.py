@@ -25,6 +25,11 @@ from .lazy import LazyTensor
 from .signature import (BLOCK, CONST, EAGER, OP, VALUE, Signature, is_cacheable, layout_of,
                         signature_key)
 
+try:
+    from greenlet import getcurrent as _getcurrent
+except ImportError:
+    _getcurrent = None
+
 Tensor = torch.Tensor
 _DisableTorchFunction = torch._C.DisableTorchFunction
 
@@ -56,7 +61,7 @@ class Run:
     """One @batched call or autobatch scope: the graph being recorded and its lifecycle."""
 
     __slots__ = ("graph", "strategy", "example", "local_signatures", "closed", "failed",
-                 "stats", "block_trace", "__weakref__")
+                 "stats", "block_trace", "main", "rounds", "default_device", "__weakref__")
 
     def __init__(self, strategy: str, block_trace: bool = False):
         self.graph = Graph()
@@ -67,6 +72,9 @@ class Run:
         self.failed = False
         self.stats = None
         self.block_trace = block_trace
+        self.main = None          # the scheduling greenlet while examples run as greenlets
+        self.rounds = 0           # times examples were suspended at a read and resumed
+        self.default_device = _default_device()   # looked up once: it costs ~10 us
 
 
 def current_run():
@@ -174,7 +182,7 @@ def _scalar_constant(run, value, kwargs):
         return _eager_constant(run, _torch_tensor, (value,), kwargs)
     if dtype is None:
         dtype = _PY_SCALAR_DTYPE[type(value)] or torch.get_default_dtype()
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else run.default_device
     tkey = (_SCALAR_SHAPE, dtype, device)
     info = _SCALAR_SIGNATURES.get(tkey)
     if info is None:
@@ -313,6 +321,7 @@ def _new_signature(run, fn, args, kwargs, key) -> Signature:
                                                                                   _paths)
         else:
             info.rule = rules.rule_for(fn)
+            info.direct = rules.specialize(info.rule, fn, args, kwargs, flags)
     if is_cacheable(key):
         if len(_GLOBAL_SIGNATURES) > _GLOBAL_LIMIT:
             _GLOBAL_SIGNATURES.clear()
@@ -350,11 +359,33 @@ def force(lt: LazyTensor) -> Tensor:
         if run.closed:
             raise MixedRunError("this lazy tensor's run ended before it was computed "
                                 "(the run failed); recompute it in a new run")
-        from .execute import execute_pending
-        execute_pending(run)
+        if run.main is not None and _suspendable(run):
+            # NOTE [reads]: wait for the other examples to reach their reads too, so the
+            # pending work of all of them runs as one set of batches.
+            grad = torch.is_grad_enabled()
+            run.main.switch()
+            if torch.is_grad_enabled() != grad:   # another example changed it meanwhile
+                with _DisableTorchFunction():
+                    torch._C._set_grad_enabled(grad)
+        if node.batch is None:
+            _execute_pending(run)
     if lt._value is None:
-        lt._value = node.batch[lt.index][node.row]
+        with _DisableTorchFunction():   # dynbatch's own indexing must not be recorded
+            lt._value = node.batch[lt.index][node.row]
     return lt._value
+
+
+def _suspendable(run) -> bool:
+    """Only from an example's own greenlet, and not from inside a torch-function handler:
+    there torch has popped the mode, and switching to another example would let it run
+    unrecorded (and restore the mode stack out of order)."""
+    return _getcurrent() is not run.main and \
+        torch._C._is_torch_function_mode_enabled()
+
+
+def _execute_pending(run) -> None:
+    from .execute import execute_pending   # execute imports this module
+    execute_pending(run)
 
 
 def unsupported(message: str):

@@ -486,3 +486,22 @@ def test_loop_fallback_is_an_error_under_strict(strict):
         rules.loop_rule(fn, (x,), {}, (True,))
     assert rules.counters["fallbacks"] == before
     assert issubclass(FallbackError, RuntimeError)
+
+
+@pytest.mark.parametrize("fn, builder, direct", CASES)
+def test_specialization_matches_loop(fn, builder, direct, strict):
+    """Where ``rules.specialize`` fixes a rule's decision once per signature, the rewritten
+    plain call must compute what the per-example loop computes."""
+    torch.manual_seed(0)
+    args, kwargs = builder()
+    kwargs = {k: _resolve(v) for k, v in kwargs.items()}
+    batch_args, flags = stacked(args)
+    spec = rules.specialize(rules.rule_for(fn), fn, batch_args, kwargs, flags)
+    if spec is None:
+        pytest.skip("no specialization: the rule decides per batch")
+    call, edits = spec
+    call_args = list(batch_args)
+    call_kwargs = rules.apply_edits(call_args, kwargs, edits)
+    assert all(not isinstance(v, torch.Tensor) for _, v in edits), "an edit holds a tensor"
+    got = components(call(*call_args, **call_kwargs))
+    assert_same(got, loop(fn, args, kwargs), "specialized call vs loop")
