@@ -24,7 +24,7 @@ except ImportError:  # without it, reads still give exact values but run unbatch
 from . import profile, rules, trace
 from .blocks import block
 from .errors import DynbatchError
-from .execute import execute_pending, materialize
+from .execute import execute_pending, lazy_nodes, materialize
 from .lazy import LazyTensor
 from .schedule import STRATEGIES
 
@@ -132,7 +132,7 @@ def run_batched(fn, batch, leading, args, kwargs, strategy):
             outs = _trace_examples(run, fn, leading, examples, args, kwargs)
             run.stats.trace_s = time.perf_counter() - t0 - run.stats.schedule_s \
                 - run.stats.execute_s
-            execute_pending(run)
+            execute_pending(run, lazy_nodes(outs))
         result = [materialize(o) for o in outs]
     except BaseException:
         run.failed = True
@@ -168,6 +168,7 @@ def _trace_examples(run, fn, leading, examples, args, kwargs) -> list:
             trace_one(i, example)
         return outs
     run.main = greenlet.getcurrent()
+    grad = torch.is_grad_enabled()
     tasks = [(i, greenlet.greenlet(functools.partial(trace_one, i, x), run.main))
              for i, x in enumerate(examples)]
     try:
@@ -176,19 +177,30 @@ def _trace_examples(run, fn, leading, examples, args, kwargs) -> list:
             suspended = []
             for i, task in active:
                 run.example = i
+                # A fresh example starts in the caller's grad mode even if the one before
+                # it was suspended inside no_grad; a resumed one restores its own (force).
+                _set_grad(grad)
                 task.switch()
                 if not task.dead:
                     suspended.append((i, task))
             if suspended:
                 run.rounds += 1
-                execute_pending(run)
+                wanted, run.wanted = run.wanted, []
+                execute_pending(run, wanted)
             active = suspended
     finally:
         run.main = None
         for _, task in tasks:      # after a failure: unwind the others' frames now
             if not task.dead:
                 task.throw(greenlet.GreenletExit)
+        _set_grad(grad)            # unwinding no_grad blocks out of order may have left it
     return outs
+
+
+def _set_grad(mode: bool) -> None:
+    if torch.is_grad_enabled() != mode:
+        with torch._C.DisableTorchFunction():
+            torch._C._set_grad_enabled(mode)
 
 
 def _pause_gc() -> bool:
@@ -208,6 +220,7 @@ def _close(run, counters) -> None:
     stats.signatures = len({id(n.info) for n in graph.nodes})
     stats.fallbacks = rules.counters["fallbacks"] - counters["fallbacks"]
     stats.vmap_batches = rules.counters["vmap"] - counters["vmap"]
+    stats.rounds = run.rounds
     run.graph = None          # the nodes point at the run; dropping the graph frees them
     run.local_signatures = None
     if not run.failed:
@@ -230,6 +243,7 @@ def autobatch(strategy: str = "agenda"):
         yield outer
         return
     run = trace.Run(strategy)
+    run.scope = True
     run.stats = profile.Stats(strategy=strategy)
     counters = dict(rules.counters)
     gc_was_enabled = _pause_gc()

@@ -19,7 +19,7 @@ from . import rules, trace
 from .errors import BlockError, TraceError, where, raw_site
 from .lazy import LazyTensor
 from .graph import Node
-from .signature import BLOCK, CONST, Signature, layout_of, signature_key
+from .signature import BLOCK, CONST, Signature, autograd_mode, layout_of, signature_key
 
 BUILTIN_BLOCKS = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 _original_call = nn.Module.__call__
@@ -142,12 +142,12 @@ def _new_block_signature(run, fn, args, kwargs) -> Signature:
                              f"  {type(err).__name__}: {err}") from err
         outputs, structure = _output_spec(out)
         info = Signature(BLOCK, fn, rules.native_module_rule, outputs, structure, paths,
-                         flags, torch.is_grad_enabled(), name=name)
+                         flags, autograd_mode(), name=name)
         info.direct = rules.specialize(info.rule, fn, args, kwargs, flags)
         return info
     program = _trace_body(run, fn, args, kwargs, paths, name)
     return Signature(BLOCK, fn, program, program.outputs, program.structure, paths, flags,
-                     torch.is_grad_enabled(), name=name)
+                     autograd_mode(), name=name)
 
 
 def _output_spec(out):

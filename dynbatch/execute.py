@@ -9,6 +9,7 @@ ordinary torch ops: there is no custom backward.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -18,50 +19,116 @@ import torch
 from . import profile, rules
 from .errors import ExecuteError, where
 from .schedule import schedule
-from .signature import CONST
+from .signature import CONST, autograd_mode
 
 Tensor = torch.Tensor
 _DisableTorchFunction = torch._C.DisableTorchFunction
 DEBUG = os.environ.get("DYNBATCH_DEBUG", "") not in ("", "0")
 _warned: set = set()
+_torch_tensor = torch.tensor   # the original: torch.tensor is wrapped while a run records
 
 
-def execute_pending(run) -> None:
-    """Schedule and run every node of ``run`` not executed yet."""
+def execute_pending(run, targets=None) -> None:
+    """Schedule and run the pending nodes ``targets`` need (all pending nodes when None).
+
+    NOTE [dead code]: only what a result or a read needs runs. A value computed and never
+    used must not share a batched call with live values: its parameters would then get
+    zero gradients where eager PyTorch leaves them None. Pending work not needed yet stays
+    pending, to batch with what comes later."""
     graph = run.graph
-    start = graph.executed
-    pending = graph.nodes[start:]
+    nodes = graph.nodes
+    start = graph.first_pending
+    if targets is None:
+        pending = [n for n in nodes[start:] if n.batch is None]
+    else:
+        pending = _needed(nodes, targets)
     if not pending:
         return
     t0 = time.perf_counter()
     signatures = [n.info for n in pending]
-    inputs = [n.inputs for n in pending]
     depths = [n.depth for n in pending]
-    batches = schedule(run.strategy, signatures, inputs, depths, start)
+    if len(pending) == len(nodes) - start:
+        batches = schedule(run.strategy, signatures, [n.inputs for n in pending], depths,
+                           start)
+    else:
+        local = {n.id: k for k, n in enumerate(pending)}
+        inputs = [[local[j] for j in n.inputs if j in local] for n in pending]
+        batches = schedule(run.strategy, signatures, inputs, depths)
     t1 = time.perf_counter()
     stats = run.stats
     stats.schedule_s += t1 - t0
-    grad = torch.is_grad_enabled()
+    mode = autograd_mode()
     with _DisableTorchFunction():
         for batch in batches:
-            nodes = [pending[i] for i in batch.nodes]
+            members = [pending[i] for i in batch.nodes]
             info = batch.signature
-            if info.grad != grad and info.kind is not CONST:
-                with torch.set_grad_enabled(info.grad):
-                    run_batch(nodes, info)
+            if info.grad != mode and info.kind is not CONST:
+                with _in_mode(info.grad):
+                    run_batch(members, info)
             else:
-                run_batch(nodes, info)
+                run_batch(members, info)
             if DEBUG:
-                print(f"dynbatch: batch {stats.batches:4d} {info!r} x{len(nodes)}")
+                print(f"dynbatch: batch {stats.batches:4d} {info!r} x{len(members)}")
             stats.batches += 1
-    graph.executed = len(graph.nodes)
+    while start < len(nodes) and nodes[start].batch is not None:
+        start += 1
+    graph.first_pending = start
     stats.execute_s += time.perf_counter() - t1
+
+
+def _in_mode(mode: int):
+    if mode == 2:
+        return torch.inference_mode(True)
+    if torch.is_inference_mode_enabled():
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.set_grad_enabled(bool(mode)))
+        return stack
+    return torch.set_grad_enabled(bool(mode))
+
+
+def _needed(nodes, targets) -> list:
+    """The unexecuted ancestors of ``targets`` (nodes), themselves included, by id."""
+    seen = set()
+    stack = [t for t in targets if t.batch is None]
+    found = []
+    while stack:
+        node = stack.pop()
+        if node.id in seen:
+            continue
+        seen.add(node.id)
+        found.append(node)
+        for j in node.inputs:
+            if j not in seen and nodes[j].batch is None:
+                stack.append(nodes[j])
+    found.sort(key=_by_id)
+    return found
+
+
+def _by_id(node):
+    return node.id
+
+
+def lazy_nodes(structure, found=None) -> list:
+    """The nodes of every lazy tensor in a (nested) result."""
+    if found is None:
+        found = []
+    t = type(structure)
+    if t.__name__ == "LazyTensor":
+        found.append(structure.node)
+    elif t is list or t is tuple or (isinstance(structure, tuple)):
+        for x in structure:
+            lazy_nodes(x, found)
+    elif t is dict:
+        for x in structure.values():
+            lazy_nodes(x, found)
+    return found
 
 
 def run_batch(nodes, info) -> None:
     if info.kind is CONST:
         values = [n.args[0] for n in nodes]
-        if info.fn is torch.tensor:      # Python scalars: one tensor for the whole batch
+        if info.fn is _torch_tensor:     # Python scalars: one tensor for the whole batch
             dtype, device = info.outputs[0][1], info.outputs[0][2]
             out = (torch.tensor(values, dtype=dtype, device=device),)
         else:

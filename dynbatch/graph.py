@@ -49,17 +49,17 @@ class Node:
 
 
 class Graph:
-    """The nodes of one run. ``executed`` counts the prefix of ``nodes`` already run:
-    forcing a value executes everything pending, so the pending nodes are always a suffix."""
+    """The nodes of one run. Every node before ``first_pending`` has run; after it, nodes
+    run when a result or a read needs them (NOTE [dead code] in execute.py)."""
 
-    __slots__ = ("nodes", "executed")
+    __slots__ = ("nodes", "first_pending")
 
     def __init__(self) -> None:
         self.nodes: list[Node] = []
-        self.executed = 0
+        self.first_pending = 0
 
     def pending(self) -> list[Node]:
-        return self.nodes[self.executed:]
+        return [n for n in self.nodes[self.first_pending:] if n.batch is None]
 
     def lint(self) -> None:
         """Check the invariants above; raises AssertionError naming the first broken node."""
@@ -72,8 +72,8 @@ class Graph:
                 assert inp.owner is node.owner, f"{node!r} uses %{i} of another run"
                 depth = max(depth, inp.depth + 1)
             assert node.depth == depth, f"{node!r}: depth {node.depth}, expected {depth}"
-            if pos < self.executed:
-                assert node.batch is not None, f"{node!r} counted executed but has no value"
+            if pos < self.first_pending:
+                assert node.batch is not None, f"{node!r} before first_pending has no value"
 
     def __len__(self) -> int:
         return len(self.nodes)

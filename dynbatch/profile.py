@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 class Stats:
     """The last finished run. ``nodes``: ops recorded; ``batches``: batched calls launched
     (constants included); ``fallbacks``: nodes run one example at a time; ``vmap_batches``:
-    batches that went through torch.func.vmap; times in seconds."""
+    batches that went through torch.func.vmap; ``rounds``: times the examples were
+    suspended at reads of values and resumed; times in seconds."""
 
     strategy: str = ""
     examples: int = 0
@@ -23,6 +24,7 @@ class Stats:
     schedule_s: float = 0.0
     execute_s: float = 0.0
     signatures: int = 0
+    rounds: int = 0
     extra: dict = field(default_factory=dict)
 
     @property

@@ -16,6 +16,23 @@ from .lazy import LazyTensor
 
 Tensor = torch.Tensor
 _is_grad_enabled = torch.is_grad_enabled
+_is_inference = torch.is_inference_mode_enabled
+
+
+def autograd_mode() -> int:
+    """0: no grad, 1: grad, 2: inference mode. Part of every key: a node executes in the
+    mode it was recorded in, whatever mode the read that runs it happens in."""
+    return 2 if _is_inference() else 1 if _is_grad_enabled() else 0
+
+
+class _Shared:
+    """Marks a shared tensor's part of a key: (SHARED, id, shape, dtype, device)."""
+
+    def __repr__(self) -> str:
+        return "shared"
+
+
+SHARED = _Shared()
 _SCALARS = (int, float, bool, complex)
 
 OP, CONST, BLOCK, EAGER, VALUE = "op", "const", "block", "eager", "value"
@@ -72,7 +89,7 @@ def _seq_key(seq, inputs, owner, depth_box):
             parts.append(t)
             parts.append(a)
         elif isinstance(a, Tensor):
-            parts.append((id(a), a.shape, a.dtype, a.device))
+            parts.append((SHARED, id(a), a.shape, a.dtype, a.device))
         elif t is list or t is tuple:
             parts.append(_seq_key(a, inputs, owner, depth_box))
         elif t is slice:
@@ -90,7 +107,7 @@ def raise_mixed(owner):
 
 def signature_key(fn, args, kwargs, owner):
     """(key, input node ids, max input depth) of one call. ``owner`` is the recording run."""
-    key = [fn, _is_grad_enabled()]
+    key = [fn, 2 if _is_inference() else 1 if _is_grad_enabled() else 0]
     inputs = []
     depth = -1
     for a in args:
@@ -111,7 +128,7 @@ def signature_key(fn, args, kwargs, owner):
             key.append(_seq_key(a, inputs, owner, box))
             depth = box[0]
         elif isinstance(a, Tensor):
-            key.append((id(a), a.shape, a.dtype, a.device))
+            key.append((SHARED, id(a), a.shape, a.dtype, a.device))
         elif t is slice:
             key.append((slice, a.start, a.stop, a.step))
         else:
@@ -136,7 +153,7 @@ def signature_key(fn, args, kwargs, owner):
                 key.append(_seq_key(a, inputs, owner, box))
                 depth = box[0]
             elif isinstance(a, Tensor):
-                key.append((id(a), a.shape, a.dtype, a.device))
+                key.append((SHARED, id(a), a.shape, a.dtype, a.device))
             else:
                 key.append(a)
     return tuple(key), inputs, depth
@@ -168,10 +185,10 @@ def layout_of(args, kwargs):
 
 
 def is_cacheable(key) -> bool:
-    """Keys made only of torch callables, tensors' (id, shape, dtype, device), and plain
-    values may be kept across runs: a reused id then still means the same shapes. Keys that
-    hold other objects (modules, user functions) are kept for one run only, so the cache
-    never keeps a user's objects alive."""
+    """Keys made only of a torch callable and plain values (shapes, dtypes, constants) may
+    be kept across runs. Keys naming a shared tensor or another object (a module, a user
+    function) are kept for one run only: across runs they would grow the cache without
+    bound (a fresh tensor per run, a fresh id) and keep a user's objects alive."""
     for part in key[1:]:
         if not _plain(part):
             return False

@@ -61,7 +61,8 @@ class Run:
     """One @batched call or autobatch scope: the graph being recorded and its lifecycle."""
 
     __slots__ = ("graph", "strategy", "example", "local_signatures", "closed", "failed",
-                 "stats", "block_trace", "main", "rounds", "default_device", "__weakref__")
+                 "stats", "block_trace", "main", "rounds", "default_device", "wanted", "scope",
+                 "__weakref__")
 
     def __init__(self, strategy: str, block_trace: bool = False):
         self.graph = Graph()
@@ -75,6 +76,8 @@ class Run:
         self.main = None          # the scheduling greenlet while examples run as greenlets
         self.rounds = 0           # times examples were suspended at a read and resumed
         self.default_device = _default_device()   # looked up once: it costs ~10 us
+        self.wanted: list = []    # nodes the suspended examples are waiting to read
+        self.scope = False        # an autobatch scope (else a @batched call)
 
 
 def current_run():
@@ -90,11 +93,13 @@ def recording(run: Run):
     mode = _Mode()
     from . import blocks
     blocks.install()
+    _patch_hot_functions()
     try:
         with mode:
             yield run
     finally:
         _current = previous
+        _unpatch_hot_functions()
         blocks.uninstall()
 
 
@@ -108,6 +113,61 @@ def switched_to(run):
         yield run
     finally:
         _current = previous
+
+
+# NOTE [hot functions]: a torch function reaches the mode through torch's override machinery
+# at about 2-5 us a call, more than recording it costs. While a run records, the functions
+# per-example code calls most often are replaced in their modules by thin wrappers that go
+# straight to ``dispatch`` (torch.fx patches functions the same way). A wrapper does exactly
+# what the mode would: only when the mode is active in this thread, so dynbatch's own calls
+# (made under DisableTorchFunction) and other threads get the original function.
+_HOT = {
+    torch: ["tensor", "cat", "stack", "sigmoid", "tanh", "relu", "exp", "log", "matmul",
+            "zeros", "ones", "zeros_like", "ones_like", "where", "clamp", "softmax",
+            "log_softmax", "chunk", "split", "mm", "mul", "add", "sum", "mean", "max",
+            "maximum", "minimum", "abs", "sqrt", "full", "arange", "concat", "unbind"],
+    torch.nn.functional: ["linear", "embedding", "cross_entropy", "nll_loss", "relu",
+                          "dropout", "log_softmax", "softmax", "layer_norm", "gelu", "silu",
+                          "leaky_relu", "elu", "softplus", "pad", "normalize", "mse_loss"],
+}
+_hot_originals: list = []
+_hot_depth = 0
+_mode_enabled = torch._C._is_torch_function_mode_enabled
+
+
+def _hot_wrapper(fn):
+    def hot(*args, **kwargs):
+        if _current is not None and _mode_enabled():
+            return dispatch(fn, args, kwargs)
+        return fn(*args, **kwargs)
+    hot.__wrapped__ = fn
+    hot.__name__ = getattr(fn, "__name__", "hot")
+    hot.__doc__ = getattr(fn, "__doc__", None)
+    return hot
+
+
+_HOT_WRAPPERS = None
+
+
+def _patch_hot_functions() -> None:
+    global _hot_depth, _HOT_WRAPPERS
+    _hot_depth += 1
+    if _hot_depth > 1:
+        return
+    if _HOT_WRAPPERS is None:
+        _HOT_WRAPPERS = [(module, name, getattr(module, name), _hot_wrapper(getattr(module, name)))
+                         for module, names in _HOT.items() for name in names
+                         if hasattr(module, name)]
+    for module, name, _, wrapper in _HOT_WRAPPERS:
+        setattr(module, name, wrapper)
+
+
+def _unpatch_hot_functions() -> None:
+    global _hot_depth
+    _hot_depth -= 1
+    if _hot_depth == 0:
+        for module, name, original, _ in _HOT_WRAPPERS:
+            setattr(module, name, original)
 
 
 class _Mode(TorchFunctionMode):
@@ -295,8 +355,17 @@ def infer(fn, args, kwargs):
             raise first from None
 
 
+_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                    "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
+                    "__ilshift__", "__irshift__", "__setitem__"}
+
+
 def _new_signature(run, fn, args, kwargs, key) -> Signature:
     name = rules.name_of(fn)
+    short = getattr(fn, "__name__", "")
+    if (short.endswith("_") and not short.startswith("__")) or kwargs.get("inplace") is True \
+            or kwargs.get("out") is not None or short in _INPLACE_DUNDERS:
+        unsupported(f"in-place {name} on a per-example tensor")
     try:
         out = infer(fn, args, kwargs)
     except Exception as err:
@@ -363,12 +432,15 @@ def force(lt: LazyTensor) -> Tensor:
             # NOTE [reads]: wait for the other examples to reach their reads too, so the
             # pending work of all of them runs as one set of batches.
             grad = torch.is_grad_enabled()
+            run.wanted.append(node)
             run.main.switch()
             if torch.is_grad_enabled() != grad:   # another example changed it meanwhile
                 with _DisableTorchFunction():
                     torch._C._set_grad_enabled(grad)
         if node.batch is None:
-            _execute_pending(run)
+            # In a scope the user's own loop comes back for the other pending values: run
+            # them all now, batched. In @batched code, run only what this read needs.
+            _execute_pending(run, None if run.scope else [node])
     if lt._value is None:
         with _DisableTorchFunction():   # dynbatch's own indexing must not be recorded
             lt._value = node.batch[lt.index][node.row]
@@ -383,9 +455,9 @@ def _suspendable(run) -> bool:
         torch._C._is_torch_function_mode_enabled()
 
 
-def _execute_pending(run) -> None:
+def _execute_pending(run, targets) -> None:
     from .execute import execute_pending   # execute imports this module
-    execute_pending(run)
+    execute_pending(run, targets)
 
 
 def unsupported(message: str):

@@ -15,6 +15,11 @@ import dynbatch.rules as rules
 ATOL = 1e-8
 RTOL = 1e-6
 
+# The suite's tensors are tiny: intra-op threads never help them, and on a shared, loaded
+# machine (2 cores here) their wake-ups made batched calls ~10x slower in wall time
+# (measured: the 1..30 LSTM test took 9-12 s with 2 threads, 1 s with 1).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def float64():

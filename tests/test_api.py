@@ -1,0 +1,688 @@
+"""The public API of DESIGN.md: batched (function and method forms), autobatch, force,
+block, stats. Every result is compared with plain eager PyTorch run one example at a time.
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dynbatch as db
+from dynbatch.testing import assert_close, assert_matches_eager
+
+ATOL, RTOL = 1e-8, 1e-6
+H = 6
+STRATEGIES = ["agenda", "depth"]
+
+
+def close(actual, expected, where="result"):
+    assert_close(actual, expected, atol=ATOL, rtol=RTOL, where=where)
+
+
+def vectors(n, size=H, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def grads(params):
+    return [p.grad.clone() for p in params]
+
+
+def zero(params):
+    for p in params:
+        p.grad = None
+
+
+def assert_real_tensors(structure):
+    if isinstance(structure, (list, tuple)):
+        for x in structure:
+            assert_real_tensors(x)
+    elif isinstance(structure, dict):
+        for x in structure.values():
+            assert_real_tensors(x)
+    else:
+        assert type(structure) is torch.Tensor, type(structure)
+
+
+# -- the function form ---------------------------------------------------------------------
+
+def mlp_loss(x, lin):
+    return (torch.tanh(lin(x)) * x).sum()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batched_function_values_and_grads(strategy):
+    torch.manual_seed(0)
+    lin = nn.Linear(H, H)
+    xs = vectors(7)
+    eager = [mlp_loss(x, lin) for x in xs]
+    torch.stack(eager).sum().backward()
+    expected_grads = grads(lin.parameters())
+    zero(lin.parameters())
+
+    losses = db.batched(mlp_loss, strategy=strategy)(xs, lin)
+    assert type(losses) is list and len(losses) == 7
+    assert_real_tensors(losses)
+    close(losses, eager)
+    torch.stack(losses).sum().backward()
+    close(grads(lin.parameters()), expected_grads, "grads")
+    s = db.stats()
+    assert s.strategy == strategy and s.examples == 7
+    assert s.batches <= 6, s          # const, linear, tanh, mul, sum: never per example
+
+
+def test_decorator_forms():
+    @db.batched
+    def f(x):
+        return x * 2
+
+    @db.batched(strategy="depth")
+    def g(x):
+        return x * 3
+
+    xs = vectors(3)
+    close(f(xs), [x * 2 for x in xs])
+    close(g(xs), [x * 3 for x in xs])
+    assert db.stats().strategy == "depth"
+    assert f.__name__ == "f"
+
+
+def test_unknown_strategy_is_rejected():
+    with pytest.raises(ValueError):
+        db.batched(lambda x: x, strategy="breadth")
+    with pytest.raises(ValueError):
+        with db.autobatch(strategy="breadth"):
+            pass
+
+
+def test_minibatch_may_be_a_tuple_or_a_tensor():
+    xs = vectors(4)
+    f = db.batched(lambda x: torch.sin(x))
+    close(f(tuple(xs)), [torch.sin(x) for x in xs])
+    close(f(torch.stack(xs)), [torch.sin(x) for x in xs])
+
+
+def test_extra_kwargs_are_shared():
+    @db.batched
+    def f(x, scale, *, shift):
+        return x * scale + shift
+
+    xs = vectors(3)
+    close(f(xs, 2.0, shift=1.0), [x * 2.0 + 1.0 for x in xs])
+
+
+# -- the method form -----------------------------------------------------------------------
+
+class TinyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(H, H)
+        self.out = nn.Parameter(torch.randn(H))
+
+    def eager(self, seq):
+        h = torch.zeros(H)
+        for x in seq:
+            h = torch.tanh(self.lin(x) + h)
+        return h @ self.out
+
+    @db.batched
+    def forward(self, seq):
+        return self.eager(seq)
+
+
+class TinyModelDepth(TinyModel):
+    @db.batched(strategy="depth")
+    def forward(self, seq):
+        return self.eager(seq)
+
+
+@pytest.mark.parametrize("cls", [TinyModel, TinyModelDepth])
+def test_batched_method_on_module(cls):
+    torch.manual_seed(1)
+    model = cls()
+    seqs = [vectors(n, seed=n) for n in (1, 3, 2, 5)]
+    eager = [model.eager(s) for s in seqs]
+    torch.stack(eager).sum().backward()
+    expected = grads(model.parameters())
+    model.zero_grad(set_to_none=True)
+
+    outs = model(seqs)
+    assert type(outs) is list and len(outs) == 4
+    assert_real_tensors(outs)
+    close(outs, eager)
+    torch.stack(outs).sum().backward()
+    close(grads(model.parameters()), expected, "grads")
+    assert db.stats().strategy == ("depth" if cls is TinyModelDepth else "agenda")
+    # the method is also reachable through forward explicitly and the class attribute
+    close(model.forward(seqs), eager)
+    close(cls.forward(model, seqs), eager)
+
+
+# -- result structures ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["tensor", "tuple", "list", "dict", "nested"])
+def test_result_structures(kind):
+    def fn(x):
+        a, b = torch.tanh(x), x.sum()
+        return {"tensor": a, "tuple": (a, b), "list": [a, b], "dict": {"a": a, "b": b},
+                "nested": {"pair": (a, [b, a * 2]), "n": 3}}[kind]
+
+    xs = vectors(3)
+    outs = db.batched(fn)(xs)
+    eager = [fn(x) for x in xs]
+    for o, e in zip(outs, eager):
+        assert type(o) is type(e)
+        if isinstance(e, dict):
+            assert list(o) == list(e)
+        close(o, e)
+    assert_real_tensors([{k: v for k, v in o.items() if k != "n"} if isinstance(o, dict)
+                         else o for o in outs])
+    if kind == "nested":
+        assert all(o["n"] == 3 for o in outs)     # Python values pass through
+
+
+def test_shared_tensor_returned_as_is():
+    w = torch.randn(3)
+    outs = db.batched(lambda x, w: (x + 1, w))(vectors(2), w)
+    assert all(o[1] is w for o in outs)
+
+
+# -- autobatch scope -----------------------------------------------------------------------
+
+def test_autobatch_scope_lazy_then_value():
+    torch.manual_seed(2)
+    lin = nn.Linear(3, 3)
+    data = [[float(i), 1.0, -float(i)] for i in range(5)]
+    with db.autobatch(strategy="agenda"):
+        ys = [torch.tanh(lin(torch.tensor(v))) for v in data]
+        assert all(type(y) is db.LazyTensor for y in ys)
+        assert all("pending" in repr(y) for y in ys)
+    outs = [y.value for y in ys]
+    assert_real_tensors(outs)
+    close(outs, [torch.tanh(lin(torch.tensor(v))) for v in data])
+    s = db.stats()
+    assert s.nodes == 15 and s.batches == 3, s
+
+
+def test_autobatch_yields_a_run_and_force_structures():
+    with db.autobatch() as run:
+        ys = [torch.tensor([1.0, 2.0]) * k for k in range(3)]
+        forced = db.force({"a": ys[0], "b": [ys[1], (ys[2], 7)]})
+    assert run is not None
+    assert type(forced["a"]) is torch.Tensor
+    assert torch.equal(forced["a"], torch.tensor([0.0, 0.0]))
+    assert torch.equal(forced["b"][0], torch.tensor([1.0, 2.0]))
+    assert type(forced["b"][1]) is tuple and forced["b"][1][1] == 7
+    assert torch.equal(forced["b"][1][0], torch.tensor([2.0, 4.0]))
+    assert db.force(5) == 5
+
+
+def test_concrete_values_inside_the_scope_then_still_batched():
+    torch.manual_seed(3)
+    lin = nn.Linear(3, 3)
+    data = [[float(i), 0.5, 1.0 - i] for i in range(8)]
+    ids = list(range(8))
+    with db.autobatch():
+        xs = [torch.tensor(v) for v in data]
+        hs = [torch.tanh(lin(x)) for x in xs]                 # pending
+        ks = [torch.tensor(i) * 3 + 1 for i in ids]           # integer, exact
+        # reading values executes what is pending, batched
+        v_item = hs[0].sum().item()
+        v_float = float(hs[1].sum())
+        v_int = int(ks[2])
+        v_bool = bool(ks[3] > 9)
+        v_bool_false = bool(ks[0] > 9)
+        v_list = hs[4].tolist()
+        v_intlist = torch.stack([ks[5], ks[6]]).tolist()
+        v_force = db.force(hs[7])
+        assert type(v_force) is torch.Tensor
+        # ... and the work after the reads is still batched across all examples
+        ys = [torch.sigmoid(h).sum() for h in hs]
+    eager_h = [torch.tanh(lin(torch.tensor(v))) for v in data]
+    assert v_item == pytest.approx(eager_h[0].sum().item(), abs=1e-12)
+    assert v_float == pytest.approx(eager_h[1].sum().item(), abs=1e-12)
+    assert type(v_int) is int and v_int == 7
+    assert v_bool is True and v_bool_false is False
+    assert v_list == pytest.approx(eager_h[4].tolist(), abs=1e-12)
+    assert v_intlist == [16, 19]
+    close(v_force, eager_h[7])
+    close([y.value for y in ys], [torch.sigmoid(h).sum() for h in eager_h])
+    s = db.stats()
+    # 8 examples x (const, linear, tanh, const, mul, add, sigmoid, sum) + the few reads;
+    # per-example execution would launch ~70 batches
+    assert s.nodes >= 64
+    assert s.batches <= 16, s
+
+
+def test_item_on_scope_result_types():
+    with db.autobatch():
+        t = torch.tensor(2.5) * 2
+        assert t.item() == 5.0
+        assert float(t) == 5.0
+        assert int(torch.tensor(4) + 1) == 5
+        assert (torch.tensor([1, 2]) + 1).tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_value_reads_inside_batched_code(strategy):
+    # Per-example code may branch on a value: the read executes what is pending, batched,
+    # and gives the real Python value.
+    def fn(x):
+        s = x.sum()
+        if s.item() > 0:
+            y = x * 2
+        else:
+            y = x * 3
+        if bool(y.max() > 1.5):
+            y = y + 1
+        k = int(torch.tensor(len(x.tolist())) * 2)
+        return y * k + float(s)
+
+    xs = [torch.tensor([1.0, 2.0]), torch.tensor([-1.0, -3.0]), torch.tensor([0.5, 0.25]),
+          torch.tensor([3.0, -4.0])]
+    outs = db.batched(fn, strategy=strategy)(xs)
+    assert_real_tensors(outs)
+    close(outs, [fn(x) for x in xs])
+
+
+# -- metadata known at trace time ----------------------------------------------------------
+
+def test_metadata_at_trace_time_allows_branching():
+    seen = []
+
+    def fn(x):
+        y = torch.tanh(x)
+        seen.append((tuple(y.shape), y.dtype, y.device.type, tuple(y.size()), y.size(0),
+                     y.size(-1), y.dim(), y.ndim, len(y), y.numel(), y.is_floating_point()))
+        if y.shape[0] > 3 and y.dim() == 1 and len(y) > 3 and y.size(0) > 3:
+            out = y[:3].sum()
+        else:
+            out = y.sum() * 10
+        if y.dtype == torch.float64 and y.device == torch.device("cpu"):
+            out = out + 1
+        return out
+
+    xs = [torch.randn(n) for n in (2, 5, 3, 7)]
+    outs = db.batched(fn)(xs)
+    close(outs, [fn(x) for x in xs])
+    assert seen[0] == ((2,), torch.float64, "cpu", (2,), 2, 2, 1, 1, 2, 2, True)
+    assert seen[1][0] == (5,) and seen[1][8] == 5
+
+
+def test_metadata_does_not_execute():
+    with db.autobatch():
+        y = torch.tanh(torch.ones(2, 3))
+        assert y.shape == (2, 3) and y.size(1) == 3 and y.dim() == 2 and len(y) == 2
+        assert y.dtype == torch.float64 and y.device.type == "cpu"
+        assert y.numel() == 6
+        assert "pending" in repr(y)
+
+
+# -- per-example data: what batches --------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["tensor", "list", "tuple", "dict", "nested"])
+def test_tensors_in_examples_batch(form):
+    torch.manual_seed(4)
+    w = torch.randn(3, 3)
+
+    def make(i):
+        a, b = torch.randn(3), torch.randn(3)
+        return {"tensor": a, "list": [a, b], "tuple": (a, b), "dict": {"a": a, "b": b},
+                "nested": {"a": [a, (b,)], "label": i}}[form]
+
+    def fn(ex, w):
+        if form == "tensor":
+            a, b = ex, ex
+        elif form in ("list", "tuple"):
+            a, b = ex
+        elif form == "dict":
+            a, b = ex["a"], ex["b"]
+        else:
+            a, b = ex["a"][0], ex["a"][1][0]
+        return torch.tanh(w @ a + b).sum()
+
+    examples = [make(i) for i in range(6)]
+    assert_matches_eager(fn, examples, w, atol=ATOL, rtol=RTOL)
+    s = db.stats()
+    assert s.nodes >= 6 * 4
+    assert s.batches <= 6, s           # constants stack into one or two batches
+
+
+def test_python_values_in_examples_stay_python():
+    seen = []
+
+    def fn(ex):
+        seen.append(type(ex["n"]))
+        return ex["x"] * ex["n"]
+
+    examples = [{"x": torch.randn(2), "n": k} for k in range(3)]
+    close(db.batched(fn)(examples), [fn(e) for e in examples])
+    assert set(seen) == {int}
+
+
+def test_tensors_made_inside_traced_code_batch():
+    torch.manual_seed(5)
+    table = nn.Embedding(10, 4)
+    w = torch.randn(4)
+
+    def fn(word_ids, table, w):
+        total = torch.zeros(())
+        for wid in word_ids:
+            total = total + table.weight[torch.tensor(wid)] @ w
+        return total
+
+    sentences = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [0, 1, 2], [3, 3, 3]]
+    assert_matches_eager(fn, sentences, table, w, atol=ATOL, rtol=RTOL)
+    s = db.stats()
+    # per step: const id, getitem, matmul, add (+ the zeros): 5 x (1 + 3 x 4) nodes
+    assert s.nodes == 5 * 13
+    assert s.batches <= 13, s
+
+
+def test_parameters_are_shared_not_stacked():
+    torch.manual_seed(6)
+    W = nn.Parameter(torch.randn(4, 4))
+
+    def fn(x, W):
+        return (W @ x).sum()
+
+    assert_matches_eager(fn, vectors(9, 4), W, atol=ATOL, rtol=RTOL)
+    s = db.stats()
+    assert s.signatures == 3 and s.batches == 3, s   # const, matmul, sum: one call each
+
+
+# -- blocks --------------------------------------------------------------------------------
+
+def rnn_cell(x, h, W, U):
+    return torch.tanh(W @ x + U @ h)           # 4 recorded ops: matmul, matmul, add, tanh
+
+
+block_cell = db.block(rnn_cell)
+
+
+def run_cells(seq, W, U, cell):
+    h = torch.zeros(W.shape[0])
+    for x in seq:
+        h = cell(x, h, W, U)
+    return h
+
+
+def seqs_of(lengths, size=4):
+    return [vectors(n, size, seed=10 + n) for n in lengths]
+
+
+def nodes_of(fn, examples, *args):
+    db.batched(fn)(examples, *args)
+    return db.stats().nodes
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_block_on_a_function(strategy):
+    torch.manual_seed(7)
+    W = nn.Parameter(torch.randn(4, 4) * 0.5)
+    U = nn.Parameter(torch.randn(4, 4) * 0.5)
+    seqs = seqs_of([1, 3, 2, 4])
+    calls = sum(len(s) for s in seqs)
+    consts = calls + len(seqs)                  # the inputs and one zeros per example
+
+    def plain(seq, W, U):
+        return run_cells(seq, W, U, rnn_cell)
+
+    def blocked(seq, W, U):
+        return run_cells(seq, W, U, block_cell)
+
+    assert_matches_eager(blocked, seqs, W, U, atol=ATOL, rtol=RTOL, strategy=strategy)
+    assert db.stats().nodes == consts + calls
+    assert nodes_of(plain, seqs, W, U) == consts + 4 * calls
+    # outside a run, the block is the plain function
+    x, h = torch.randn(4), torch.randn(4)
+    close(block_cell(x, h, W, U), rnn_cell(x, h, W, U))
+
+
+class PlainCell(nn.Module):
+    """3 recorded ops when not a block: cat, linear (a built-in block), tanh."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        self.lin = nn.Linear(2 * n, n)
+
+    def forward(self, x, h):
+        return torch.tanh(self.lin(torch.cat([x, h])))
+
+
+@db.block
+class BlockCell(PlainCell):
+    pass
+
+
+def module_loop(seq, cell):
+    h = torch.zeros(4)
+    for x in seq:
+        h = cell(x, h)
+    return h.sum()
+
+
+@pytest.mark.parametrize("how", ["subclass", "instance"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_block_on_modules(how, strategy):
+    torch.manual_seed(8)
+    plain = PlainCell()
+    if how == "subclass":
+        marked = BlockCell()
+        marked.load_state_dict(plain.state_dict())
+    else:
+        marked = PlainCell()
+        marked.load_state_dict(plain.state_dict())
+        assert db.block(marked) is marked
+    seqs = seqs_of([2, 1, 3, 2])
+    calls = sum(len(s) for s in seqs)
+    consts = calls + len(seqs)
+    sums = len(seqs)                            # module_loop ends with h.sum()
+    assert_matches_eager(module_loop, seqs, marked, atol=ATOL, rtol=RTOL, strategy=strategy)
+    assert db.stats().nodes == consts + calls + sums
+    assert nodes_of(module_loop, seqs, plain) == consts + 3 * calls + sums
+    # the mark is on the subclass / the instance only
+    assert nodes_of(module_loop, seqs, PlainCell()) == consts + 3 * calls + sums
+
+
+class CellOwner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(4, 4) * 0.5)
+        self.U = nn.Parameter(torch.randn(4, 4) * 0.5)
+
+    def plain_cell(self, x, h):
+        return torch.tanh(self.W @ x + self.U @ h)
+
+    @db.block
+    def cell(self, x, h):
+        return torch.tanh(self.W @ x + self.U @ h)
+
+
+def method_loop(seq, model, which):
+    h = torch.zeros(4)
+    cell = getattr(model, which)
+    for x in seq:
+        h = cell(x, h)
+    return h
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_block_on_a_method(strategy):
+    torch.manual_seed(9)
+    model = CellOwner()
+    seqs = seqs_of([3, 1, 2])
+    calls = sum(len(s) for s in seqs)
+    consts = calls + len(seqs)
+    assert_matches_eager(method_loop, seqs, model, "cell", atol=ATOL, rtol=RTOL,
+                         strategy=strategy)
+    assert db.stats().nodes == consts + calls
+    assert nodes_of(method_loop, seqs, model, "plain_cell") == consts + 4 * calls
+    x, h = torch.randn(4), torch.randn(4)
+    close(model.cell(x, h), model.plain_cell(x, h))
+
+
+def _linear(ex, m):
+    return m(ex)
+
+
+def _embedding(ex, m):
+    return m(torch.tensor(ex))
+
+
+def _lstm(ex, m):
+    h, c = torch.zeros(5), torch.zeros(5)
+    for x in ex:
+        h, c = m(x, (h, c))
+    return h, c
+
+
+def _lstm_no_state(ex, m):
+    return m(ex[0])
+
+
+def _gru(ex, m):
+    h = torch.zeros(5)
+    for x in ex:
+        h = m(x, h)
+    return h
+
+
+@pytest.mark.parametrize("name, module, fn, make, nodes_per_example", [
+    ("Linear", lambda: nn.Linear(4, 5), _linear, lambda i: torch.randn(4), 2),
+    ("Linear-2d", lambda: nn.Linear(4, 5), _linear, lambda i: torch.randn(3, 4), 2),
+    ("Embedding", lambda: nn.Embedding(7, 5), _embedding, lambda i: [i % 7, (i * 3) % 7], 2),
+    ("LayerNorm", lambda: nn.LayerNorm(4), _linear, lambda i: torch.randn(4), 2),
+    ("LSTMCell", lambda: nn.LSTMCell(4, 5), _lstm, lambda i: [torch.randn(4)] * 3, 3 + 2 + 3),
+    ("LSTMCell-no-state", lambda: nn.LSTMCell(4, 5), _lstm_no_state,
+     lambda i: [torch.randn(4)], 2),
+    ("GRUCell", lambda: nn.GRUCell(4, 5), _gru, lambda i: [torch.randn(4)] * 3, 3 + 1 + 3),
+    ("RNNCell", lambda: nn.RNNCell(4, 5), _gru, lambda i: [torch.randn(4)] * 3, 3 + 1 + 3),
+])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_builtin_blocks(name, module, fn, make, nodes_per_example, strategy):
+    torch.manual_seed(10)
+    m = module()
+    examples = [make(i) for i in range(5)]
+    assert_matches_eager(fn, examples, m, atol=ATOL, rtol=RTOL, strategy=strategy)
+    s = db.stats()
+    assert s.nodes == 5 * nodes_per_example, s
+    assert s.fallbacks == 0
+
+
+# -- stats, edge cases ----------------------------------------------------------------------
+
+def test_stats_fields():
+    lin = nn.Linear(3, 3)
+    db.batched(lambda x, lin: lin(x).sum())(vectors(4, 3), lin)
+    s = db.stats()
+    for field in ("strategy", "examples", "nodes", "batches", "fallbacks", "vmap_batches",
+                  "trace_s", "schedule_s", "execute_s", "signatures"):
+        assert hasattr(s, field), field
+    assert s.examples == 4 and s.strategy == "agenda"
+    assert s.nodes == 12 and s.batches == 3 and s.signatures == 3
+    assert s.fallbacks == 0 and s.vmap_batches == 0
+    for t in (s.trace_s, s.schedule_s, s.execute_s):
+        assert isinstance(t, float) and 0.0 <= t < 60.0
+    assert s.nodes_per_batch == pytest.approx(4.0)
+    assert "12 nodes in 3 batches" in str(s)
+
+
+def test_empty_minibatch_returns_empty_list():
+    before = db.stats()
+    assert db.batched(lambda x: x * 2)([]) == []
+    assert db.batched(lambda x: x * 2)(()) == []
+    assert db.stats() is before
+
+
+@pytest.mark.parametrize("bad", [3, 2.5, None, "abc", (x for x in [torch.ones(2)]),
+                                 {"a": torch.ones(2)}, torch.tensor(1.0)])
+def test_non_sequence_minibatch_raises_type_error(bad):
+    with pytest.raises(TypeError):
+        db.batched(lambda x: x * 2)(bad)
+
+
+def test_missing_minibatch_raises_type_error():
+    with pytest.raises(TypeError):
+        db.batched(lambda x: x)()
+
+
+def test_nested_batched_inside_a_run():
+    torch.manual_seed(11)
+    lin = nn.Linear(3, 3)
+
+    def inner(v, lin):
+        return torch.tanh(lin(v))
+
+    inner_b = db.batched(inner)
+
+    def outer(seq, lin):
+        return torch.stack(inner_b(seq, lin)).sum(0)
+
+    def outer_eager(seq, lin):
+        return torch.stack([inner(v, lin) for v in seq]).sum(0)
+
+    seqs = [vectors(n, 3, seed=n) for n in (2, 4, 3)]
+    outs = db.batched(outer)(seqs, lin)
+    assert_real_tensors(outs)
+    close(outs, [outer_eager(s, lin) for s in seqs])
+    s = db.stats()
+    assert s.examples == 3
+    # the inner calls of all outer examples were batched by the one outer run: one batch
+    # each for the inputs, linear and tanh; stack and sum differ per sequence length
+    assert s.nodes == 3 * 9 + 3 * 2
+    assert s.batches == 3 + 3 * 2, s
+    # and a nested call inside an autobatch scope joins that scope
+    with db.autobatch():
+        ys = inner_b([torch.ones(3), torch.zeros(3)], lin)
+        assert all(type(y) is db.LazyTensor for y in ys)
+    close([y.value for y in ys], [inner(torch.ones(3), lin), inner(torch.zeros(3), lin)])
+
+
+def test_public_names():
+    assert set(db.__all__) == {"batched", "autobatch", "force", "block", "stats",
+                               "LazyTensor"}
+    assert isinstance(db.stats(), object) and isinstance(db, types.ModuleType)
+
+
+def test_no_grad_inside_batched_code():
+    lin = nn.Linear(3, 3)
+
+    def fn(x, lin):
+        with torch.no_grad():
+            y = lin(x)
+        return y * 2, lin(x).sum()
+
+    outs = db.batched(fn)(vectors(3, 3), lin)
+    assert all(not o[0].requires_grad for o in outs)
+    assert all(o[1].requires_grad for o in outs)
+    close(outs, [fn(x, lin) for x in vectors(3, 3)])
+
+
+def test_functional_ops_with_shared_kwargs():
+    w = torch.randn(5, 3)
+
+    def fn(ids, w):
+        e = F.embedding(torch.tensor(ids), w)
+        return F.softmax(e.sum(0), dim=-1)
+
+    assert_matches_eager(fn, [[1, 2], [3, 4], [0, 0]], w, atol=ATOL, rtol=RTOL)
+
+
+def test_dead_code_gives_no_gradient():
+    # A value computed and never used must not connect its parameters to the outputs:
+    # eager leaves W.grad None. Fusing the dead tanh with the live one in one batched call
+    # must not turn that into a zero gradient (optimizers treat zeros and None differently:
+    # momentum and weight decay still move a parameter whose grad is zeros).
+    torch.manual_seed(12)
+    W = nn.Parameter(torch.randn(3, 3))
+    v = nn.Parameter(torch.randn(3))
+
+    def fn(x, W, v):
+        dead = torch.tanh(W @ x)  # noqa: F841  (computed, never used)
+        return torch.tanh(x * v)
+
+    assert_matches_eager(fn, vectors(4, 3), W, v, atol=ATOL, rtol=RTOL)
