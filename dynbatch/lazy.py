@@ -222,10 +222,6 @@ def _make_method(fn):
     return method
 
 
-def _make_rpow(fn):  # Tensor.__rpow__ is a Python lambda in torch; record it by name still
-    return _make_method(fn)
-
-
 def _make_inplace_operator(name: str):
     plain = "__" + name[3:]
 

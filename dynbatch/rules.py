@@ -83,17 +83,6 @@ def _flat_batched(args, per_example):
     return flat, rebuild
 
 
-def _batch_size(args, per_example) -> int:
-    for a, pe in zip(args, per_example):
-        if pe is True:
-            return a.shape[0]
-        if type(pe) is tuple:
-            for x, p in zip(a, pe):
-                if p:
-                    return x.shape[0]
-    raise AssertionError("a batched call without a batched argument")
-
-
 def vmap_rule(fn, args, kwargs, per_example):
     """The semantics of batching: ``torch.func.vmap`` over the per-example arguments."""
     flat, rebuild = _flat_batched(args, per_example)

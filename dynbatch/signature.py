@@ -35,7 +35,7 @@ class _Shared:
 SHARED = _Shared()
 _SCALARS = (int, float, bool, complex)
 
-OP, CONST, BLOCK, EAGER, VALUE = "op", "const", "block", "eager", "value"
+OP, CONST, BLOCK, EAGER = "op", "const", "block", "eager"
 
 
 class Signature:
@@ -43,15 +43,15 @@ class Signature:
     makes equal keys one object.
 
     kind: OP (a torch call), CONST (per-example data stacked at execution), BLOCK (one node
-    for a whole module or function call), EAGER (cannot batch: runs at once per example),
-    VALUE (result is a Python value known at record time, e.g. ``torch.numel``).
+    for a whole module or function call), EAGER (cannot batch, or returns a Python value:
+    runs at once per example on forced values).
     """
 
     __slots__ = ("kind", "fn", "rule", "outputs", "structure", "paths", "per_example",
-                 "grad", "value", "name", "direct", "__weakref__")
+                 "grad", "name", "direct", "__weakref__")
 
     def __init__(self, kind, fn=None, rule=None, outputs=(), structure=None, paths=(),
-                 per_example=(), grad=False, value=None, name=""):
+                 per_example=(), grad=1, name=""):
         self.kind = kind
         self.fn = fn
         self.rule = rule
@@ -59,8 +59,7 @@ class Signature:
         self.structure = structure      # None: one tensor; else a type to rebuild outputs
         self.paths = paths              # where lazy inputs sit: (i,), (i, j) or ("kw", name)
         self.per_example = per_example  # flags mirroring args, for the rule
-        self.grad = grad
-        self.value = value
+        self.grad = grad                # autograd_mode() the nodes were recorded in
         self.name = name
         self.direct = None              # rules.specialize's (fn, edits), when it applies
 

@@ -22,7 +22,7 @@ from .errors import (BlockError, MixedRunError, TraceError, UnsupportedError, ra
                      where)
 from .graph import Graph, Node
 from .lazy import LazyTensor
-from .signature import (BLOCK, CONST, EAGER, OP, VALUE, Signature, is_cacheable, layout_of,
+from .signature import (BLOCK, CONST, EAGER, OP, Signature, is_cacheable, layout_of,
                         signature_key)
 
 try:
@@ -202,8 +202,6 @@ def record(fn, args, kwargs):
             info = _new_signature(run, fn, args, kwargs, key)
     kind = info.kind
     if kind is not OP and kind is not BLOCK:
-        if kind is VALUE:
-            return info.value
         return _special(run, fn, args, kwargs)
     nodes = run.graph.nodes
     node = Node(len(nodes), fn, args, kwargs, info, inputs, depth + 1, run.example,
@@ -378,8 +376,6 @@ def _new_signature(run, fn, args, kwargs, key) -> Signature:
                          None, paths, flags, grad, name=name)
     elif isinstance(out, (tuple, list)) and out and all(isinstance(o, Tensor) for o in out):
         structure = type(out)
-        if structure is not tuple and structure is not list:
-            structure = _structseq_builder(structure)
         outputs = tuple((o.shape, o.dtype, _device_of(o, args)) for o in out)
         info = Signature(OP, fn, None, outputs, structure, paths, flags, grad, name=name)
     else:  # a Python value may depend on the data: compute it per example, on values
@@ -398,10 +394,6 @@ def _new_signature(run, fn, args, kwargs, key) -> Signature:
     else:
         run.local_signatures[key] = info
     return info
-
-
-def _structseq_builder(cls):
-    return lambda items: cls(items)
 
 
 def _device_of(out: Tensor, args) -> torch.device:

@@ -231,7 +231,7 @@ def test_concrete_values_inside_the_scope_then_still_batched():
         ks = [torch.tensor(i) * 3 + 1 for i in ids]           # integer, exact
         # reading values executes what is pending, batched
         v_item = hs[0].sum().item()
-        v_float = float(hs[1].sum())
+        v_float = float(hs[1].sum().detach())
         v_int = int(ks[2])
         v_bool = bool(ks[3] > 9)
         v_bool_false = bool(ks[0] > 9)

@@ -21,7 +21,8 @@ from dynbatch.errors import (BlockError, DynbatchError, ExecuteError, MixedRunEr
 
 ORIGINAL_MODULE_CALL = nn.Module.__call__
 FILE = os.path.basename(__file__)
-_SOURCE = open(__file__).read().splitlines()
+with open(__file__) as _f:
+    _SOURCE = _f.read().splitlines()
 
 
 def line_of(marker: str) -> int:

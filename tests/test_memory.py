@@ -12,6 +12,7 @@ from torch import nn
 
 import dynbatch as db
 from dynbatch import graph, lazy, trace
+from dynbatch.errors import DynbatchError
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 RUNS = 1000
@@ -113,7 +114,7 @@ def test_no_node_leak_from_failed_runs():
     for _ in range(50):
         with pytest.raises(ValueError):
             db.batched(bad)([torch.ones(2), torch.ones(3)])
-        with pytest.raises(db.api.DynbatchError):
+        with pytest.raises(DynbatchError):
             db.batched(lambda x: torch.cat([x, torch.ones(2, 2)]))([torch.ones(2)])
     assert live(*ENGINE_TYPES) == baseline
 

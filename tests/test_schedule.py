@@ -32,7 +32,8 @@ def depths_of(inputs, offset=0):
 
 def test_schedule_module_imports_no_torch():
     import dynbatch.schedule as mod
-    source = open(mod.__file__).read()
+    with open(mod.__file__) as f:
+        source = f.read()
     assert "import torch" not in source
     assert "from torch" not in source
 
