@@ -57,6 +57,9 @@ _METADATA = {Tensor.dim, Tensor.size, Tensor.numel, Tensor.is_floating_point,
              Tensor.data_ptr, Tensor.stride, Tensor.storage_offset}
 
 
+_SPECIAL = _METADATA | _READS | _DATA_DEPENDENT
+
+
 class Run:
     """One @batched call or autobatch scope: the graph being recorded and its lifecycle."""
 
@@ -182,7 +185,7 @@ def dispatch(fn, args, kwargs):
         return _outside_run(fn, args, kwargs)
     if fn is _torch_tensor and len(args) == 1 and type(args[0]) in _PY_SCALAR_DTYPE:
         return _scalar_constant(run, args[0], kwargs)
-    if fn in _METADATA or fn in _READS or fn in _DATA_DEPENDENT:
+    if fn in _SPECIAL:
         return _special(run, fn, args, kwargs)
     return record(fn, args, kwargs)
 

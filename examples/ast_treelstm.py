@@ -63,9 +63,10 @@ def accuracy(model, trees, batch_size=128) -> float:
     return correct / max(1, len(trees))
 
 
-def load(max_nodes: int, classes: int):
+def load(max_nodes: int, classes: int, max_files=None):
     t0 = time.perf_counter()
-    corpus = pyast.load_functions(max_nodes=max_nodes)
+    print("parsing the standard library...", flush=True)
+    corpus = pyast.load_functions(max_files=max_files, max_nodes=max_nodes)
     train, dev, test = pyast.split(corpus)
     labels = [label for label, _ in pyast.top_labels(train, classes)]
     label_id = {label: i for i, label in enumerate(labels)}
@@ -100,6 +101,9 @@ def speed(model, trees, reps: int = 3) -> tuple[float, float]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=75, help="training time budget")
+    ap.add_argument("--epochs", type=int, default=0, help="stop after this many (0: no cap)")
+    ap.add_argument("--limit", type=int, default=0, help="train on the first N functions")
+    ap.add_argument("--max-files", type=int, default=None, help="parse only N stdlib files")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--dim", type=int, default=64, help="embedding and hidden size")
     ap.add_argument("--max-nodes", type=int, default=120)
@@ -113,7 +117,9 @@ def main(argv=None) -> None:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    (train, dev, test), labels, vocab = load(args.max_nodes, args.classes)
+    (train, dev, test), labels, vocab = load(args.max_nodes, args.classes, args.max_files)
+    if args.limit:
+        train = train[:args.limit]
     model = ChildSumTreeLSTM(len(vocab), args.dim, args.dim, len(labels))
     optim = torch.optim.Adam(model.parameters(), lr=args.lr)
 
@@ -130,7 +136,8 @@ def main(argv=None) -> None:
 
     deadline = time.perf_counter() + args.seconds
     epoch = 0
-    while time.perf_counter() < deadline:
+    history = []
+    while time.perf_counter() < deadline and (not args.epochs or epoch < args.epochs):
         epoch += 1
         random.shuffle(train)
         batches = range(0, len(train), args.batch)
@@ -151,14 +158,19 @@ def main(argv=None) -> None:
                 break
         if tqdm:
             bar.close()
+        dev_acc = accuracy(model, dev)
+        history.append({"epoch": epoch, "trees": seen, "loss": total / max(1, seen),
+                        "trees_per_s": seen / (time.perf_counter() - t0), "dev_acc": dev_acc})
         print(f"epoch {epoch}: {seen} trees, loss {total / max(1, seen):.3f}, "
-              f"{seen / (time.perf_counter() - t0):.0f} trees/s, dev acc {accuracy(model, dev):.3f}")
+              f"{seen / (time.perf_counter() - t0):.0f} trees/s, dev acc {dev_acc:.3f}")
 
     acc = accuracy(model, test)
     print(f"test accuracy {acc:.3f} over {len(test)} functions "
           f"(majority class '{labels[majority]}': {baseline:.3f})")
     print(f"dynbatch was {batched_tps / eager_tps:.1f}x faster than the same model run one "
           "tree at a time (forward+backward)")
+    return {"history": history, "test_acc": acc, "majority_baseline": baseline,
+            "eager_trees_per_s": eager_tps, "dynbatch_trees_per_s": batched_tps}
 
 
 if __name__ == "__main__":

@@ -100,3 +100,16 @@ def test_tagger_matches_eager():
     tags = [[rng.randrange(CLASSES) for _ in s] for s in sentences]
     eager = [model(s, t) for s, t in zip(sentences, tags)]
     assert_same(model, eager, padded_tagger_loss(model, sentences, tags))
+
+
+def test_tagger_logits_match_eager():
+    from benchmarks.handbatched import padded_tagger_logits
+    torch.manual_seed(3)
+    rng = random.Random(3)
+    model = BiLSTMTagger(VOCAB, EMBED, HIDDEN, CLASSES)
+    sentences = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 15))] for _ in range(20)]
+    with torch.no_grad():
+        eager = torch.stack([l for s in sentences for l in model.predict_logits(s)])
+        batched = padded_tagger_logits(model, sentences)
+    assert batched.shape == eager.shape
+    assert (batched - eager).abs().max().item() < TOL
