@@ -38,13 +38,36 @@ def stats() -> profile.Stats:
 
 def force(x):
     """The real value of a lazy tensor (or of every lazy tensor in a list/tuple/dict),
-    executing pending work, batched, first. Plain values pass through."""
+    executing pending work, batched, first. Plain values pass through. A structure is
+    forced in one go: one suspension of the example, not one per tensor."""
+    if type(x) is LazyTensor:
+        return x.value
+    lazies = [n for n in lazy_nodes(x)]
+    if len(lazies) > 1:
+        trace.force_all([lt for lt in _lazy_tensors(x)])
+    return _force_structure(x)
+
+
+def _lazy_tensors(x, found=None):
+    found = [] if found is None else found
+    if type(x) is LazyTensor:
+        found.append(x)
+    elif type(x) in (list, tuple):
+        for v in x:
+            _lazy_tensors(v, found)
+    elif type(x) is dict:
+        for v in x.values():
+            _lazy_tensors(v, found)
+    return found
+
+
+def _force_structure(x):
     if type(x) is LazyTensor:
         return x.value
     if type(x) in (list, tuple):
-        return type(x)(force(v) for v in x)
+        return type(x)(_force_structure(v) for v in x)
     if type(x) is dict:
-        return {k: force(v) for k, v in x.items()}
+        return {k: _force_structure(v) for k, v in x.items()}
     return x
 
 

@@ -135,19 +135,24 @@ def _new_block_signature(run, fn, args, kwargs) -> Signature:
         raise TraceError(f"block {name}: pass per-example tensors positionally "
                          f"({where(run.example, raw_site(3))})")
     if isinstance(fn, nn.Module) and type(fn) in BUILTIN_BLOCKS:
-        try:
-            out = trace.infer(lambda *a, **k: _original_call(fn, *a, **k), args, kwargs)
-        except Exception as err:
-            raise TraceError(f"{name} failed for {where(run.example, raw_site(3))}\n"
-                             f"  {type(err).__name__}: {err}") from err
-        outputs, structure = _output_spec(out)
-        info = Signature(BLOCK, fn, rules.native_module_rule, outputs, structure, paths,
-                         flags, autograd_mode(), name=name)
-        info.direct = rules.specialize(info.rule, fn, args, kwargs, flags)
-        return info
+        with torch._C.DisableTorchFunction():
+            return _builtin_block_signature(run, fn, args, kwargs, paths, flags, name)
     program = _trace_body(run, fn, args, kwargs, paths, name)
     return Signature(BLOCK, fn, program, program.outputs, program.structure, paths, flags,
                      autograd_mode(), name=name)
+
+
+def _builtin_block_signature(run, fn, args, kwargs, paths, flags, name) -> Signature:
+    try:
+        out = trace.infer(lambda *a, **k: _original_call(fn, *a, **k), args, kwargs)
+    except Exception as err:
+        raise TraceError(f"{name} failed for {where(run.example, raw_site(3))}\n"
+                         f"  {type(err).__name__}: {err}") from err
+    outputs, structure = _output_spec(out)
+    info = Signature(BLOCK, fn, rules.native_module_rule, outputs, structure, paths,
+                     flags, autograd_mode(), name=name)
+    info.direct = rules.specialize(info.rule, fn, args, kwargs, flags)
+    return info
 
 
 def _output_spec(out):

@@ -62,7 +62,13 @@ def execute_pending(run, targets=None) -> None:
         for batch in batches:
             members = [pending[i] for i in batch.nodes]
             info = batch.signature
-            if info.grad != mode and info.kind is not CONST:
+            if info.kind is CONST:
+                if mode == 2 and not run.inference:   # a read under inference_mode in a
+                    with torch.inference_mode(False):  # scope: keep data usable by grad
+                        run_batch(members, info)
+                else:
+                    run_batch(members, info)
+            elif info.grad != mode:
                 with _in_mode(info.grad):
                     run_batch(members, info)
             else:
@@ -180,14 +186,16 @@ _SLICE, _INDEX, _MANY = 0, 1, 2
 
 
 def gather(column, memo=None) -> Tensor:
-    """Stack the values of executed lazy tensors (one output index throughout) along a
-    new dim 0. ``memo`` carries the last plan within one batch: the columns of a block's
-    (h, c) inputs come from the same nodes, so their rows are located once."""
+    """Stack the values of executed lazy tensors along a new dim 0. ``memo`` carries the
+    last plan within one batch: the columns of a block's (h, c) inputs come from the same
+    nodes, so their rows are located once."""
     index = column[0].index
     nodes = []
     for lt in column:
         if lt.index != index:
-            return _gather_mixed(column)
+            # e.g. sigmoid(i) and sigmoid(o) of one chunk(): rows of different outputs
+            return _apply(_plan_sources([(lt.node.batch, lt.index, lt.node.row)
+                                         for lt in column]), None)
         nodes.append(lt.node)
     if memo is not None and memo[0] == nodes:   # list ==: identity of the same nodes
         plan = memo[1]
@@ -203,60 +211,59 @@ def _plan(nodes):
     rows = []
     for node in nodes:
         if node.batch is not batch:
-            return _plan_many(nodes)
+            return _plan_sources([(n.batch, None, n.row) for n in nodes])
         rows.append(node.row)
+    return _plan_rows(batch, None, rows)
+
+
+def _plan_rows(batch, index, rows):
     r0 = rows[0]
     n = len(rows)
     if rows[-1] - r0 == n - 1 and rows == list(range(r0, r0 + n)):
-        return (_SLICE, batch, r0, n)
+        return (_SLICE, batch, index, r0, n)
     # index_select, not stack: the rows live in one tensor, so one gather kernel
-    return (_INDEX, batch, torch.tensor(rows, device=batch[0].device))
+    return (_INDEX, batch, index, torch.tensor(rows, device=batch[0].device))
 
 
-def _plan_many(nodes):
+def _plan_sources(sources):
+    """Rows from several outputs: one slice or index_select per output, one cat, and one
+    index_select to restore the order when the outputs interleave."""
     groups: dict = {}
-    for pos, node in enumerate(nodes):
-        group = groups.get(id(node.batch))
+    for pos, (batch, index, row) in enumerate(sources):
+        key = (id(batch), index)
+        group = groups.get(key)
         if group is None:
-            groups[id(node.batch)] = group = (node.batch, [], [])
-        group[1].append(pos)
-        group[2].append(node.row)
+            groups[key] = group = (batch, index, [], [])
+        group[2].append(pos)
+        group[3].append(row)
+    if len(groups) == 1:
+        batch, index, _, rows = next(iter(groups.values()))
+        return _plan_rows(batch, index, rows)
     parts = []
     order = []
-    for batch, positions, rows in groups.values():
-        parts.append(_plan_rows(batch, rows))
+    for batch, index, positions, rows in groups.values():
+        parts.append(_plan_rows(batch, index, rows))
         order.extend(positions)
     if order == list(range(len(order))):
         return (_MANY, parts, None)
     inverse = [0] * len(order)
     for k, pos in enumerate(order):
         inverse[pos] = k
-    return (_MANY, parts, torch.tensor(inverse, device=nodes[0].batch[0].device))
-
-
-def _plan_rows(batch, rows):
-    r0 = rows[0]
-    n = len(rows)
-    if rows == list(range(r0, r0 + n)):
-        return (_SLICE, batch, r0, n)
-    return (_INDEX, batch, torch.tensor(rows, device=batch[0].device))
+    return (_MANY, parts, torch.tensor(inverse, device=sources[0][0][0].device))
 
 
 def _apply(plan, index) -> Tensor:
+    """Run a gather plan; ``index`` picks the output of multi-output sources unless the
+    plan names its own (plans for mixed outputs do)."""
     kind = plan[0]
     if kind == _SLICE:
-        src = plan[1][index]
-        r0, n = plan[2], plan[3]
+        src = plan[1][index if plan[2] is None else plan[2]]
+        r0, n = plan[3], plan[4]
         return src if r0 == 0 and n == src.shape[0] else src[r0:r0 + n]   # a view
     if kind == _INDEX:
-        return plan[1][index].index_select(0, plan[2])
+        return plan[1][index if plan[2] is None else plan[2]].index_select(0, plan[3])
     joined = torch.cat([_apply(part, index) for part in plan[1]])
     return joined if plan[2] is None else joined.index_select(0, plan[2])
-
-
-def _gather_mixed(column) -> Tensor:
-    """Rows from different outputs of multi-output nodes: rare; one row at a time."""
-    return torch.stack([value_of(lt) for lt in column])
 
 
 def _per_example(node):

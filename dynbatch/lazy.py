@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 Tensor = torch.Tensor
+_DisableTorchFunction = torch._C.DisableTorchFunction
 
 # Filled in by trace.py at import (trace imports this module; this avoids the cycle).
 _record = None          # (fn, args, kwargs) -> LazyTensor | structure
@@ -104,29 +105,47 @@ class LazyTensor:
             self._value = _force(self)
         return self._value
 
+    # Reads run with torch functions disabled: the value is a plain tensor, and sending its
+    # .item() through the run's mode again would cost ~6 us for nothing.
     def item(self):
-        return self.value.item()
+        value = self.value
+        with _DisableTorchFunction():
+            return value.item()
 
     def tolist(self):
-        return self.value.tolist()
+        value = self.value
+        with _DisableTorchFunction():
+            return value.tolist()
 
     def numpy(self):
-        return self.value.numpy()
+        value = self.value
+        with _DisableTorchFunction():
+            return value.numpy()
 
     def __bool__(self) -> bool:
-        return bool(self.value)
+        value = self.value
+        with _DisableTorchFunction():
+            return bool(value)
 
     def __int__(self) -> int:
-        return int(self.value)
+        value = self.value
+        with _DisableTorchFunction():
+            return int(value)
 
     def __float__(self) -> float:
-        return float(self.value)
+        value = self.value
+        with _DisableTorchFunction():
+            return float(value)
 
     def __index__(self) -> int:
-        return self.value.__index__()
+        value = self.value
+        with _DisableTorchFunction():
+            return value.__index__()
 
     def __complex__(self) -> complex:
-        return complex(self.value)
+        value = self.value
+        with _DisableTorchFunction():
+            return complex(value)
 
     def __array__(self, dtype=None):
         arr = self.value.detach().cpu().numpy()

@@ -1,9 +1,8 @@
 """Signatures: the one place that decides which nodes may run as one batched call.
 
 ``signature_key`` builds, per recorded call, a hashable key from the callable, the
-shape/dtype/device of every lazy input, the identity (with shape, dtype and device) of
-every shared tensor, every Python constant (with its type, so 1, 1.0 and True differ) and
-the grad mode. Equal keys mean one call can compute all those nodes. The key is mapped to
+shape/dtype/device of every lazy input, the identity of every shared tensor, every Python
+constant (with its type, so 1, 1.0 and True differ) and the autograd mode. Equal keys mean one call can compute all those nodes. The key is mapped to
 a ``Signature``, which holds what was inferred once for it: output shapes, the batching
 rule, and where the lazy inputs sit in the arguments. This is the hot path of tracing.
 """
@@ -26,7 +25,10 @@ def autograd_mode() -> int:
 
 
 class _Shared:
-    """Marks a shared tensor's part of a key: (SHARED, id, shape, dtype, device)."""
+    """Marks a shared tensor's part of a key: (SHARED, id). Such keys live for one run, in
+    which every shared tensor a node names stays alive (the node holds it), so its id is
+    its identity. No shape is read: a tensor attribute read from a Tensor method while the
+    run's mode is active costs a full torch-function dispatch (~7 us)."""
 
     def __repr__(self) -> str:
         return "shared"
@@ -88,7 +90,7 @@ def _seq_key(seq, inputs, owner, depth_box):
             parts.append(t)
             parts.append(a)
         elif isinstance(a, Tensor):
-            parts.append((SHARED, id(a), a.shape, a.dtype, a.device))
+            parts.append((SHARED, id(a)))
         elif t is list or t is tuple:
             parts.append(_seq_key(a, inputs, owner, depth_box))
         elif t is slice:
@@ -127,7 +129,7 @@ def signature_key(fn, args, kwargs, owner):
             key.append(_seq_key(a, inputs, owner, box))
             depth = box[0]
         elif isinstance(a, Tensor):
-            key.append((SHARED, id(a), a.shape, a.dtype, a.device))
+            key.append((SHARED, id(a)))
         elif t is slice:
             key.append((slice, a.start, a.stop, a.step))
         else:
@@ -152,7 +154,7 @@ def signature_key(fn, args, kwargs, owner):
                 key.append(_seq_key(a, inputs, owner, box))
                 depth = box[0]
             elif isinstance(a, Tensor):
-                key.append((SHARED, id(a), a.shape, a.dtype, a.device))
+                key.append((SHARED, id(a)))
             else:
                 key.append(a)
     return tuple(key), inputs, depth

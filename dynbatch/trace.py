@@ -65,6 +65,7 @@ class Run:
 
     __slots__ = ("graph", "strategy", "example", "local_signatures", "closed", "failed",
                  "stats", "block_trace", "main", "rounds", "default_device", "wanted", "scope",
+                 "inference",
                  "__weakref__")
 
     def __init__(self, strategy: str, block_trace: bool = False):
@@ -81,6 +82,7 @@ class Run:
         self.default_device = _default_device()   # looked up once: it costs ~10 us
         self.wanted: list = []    # nodes the suspended examples are waiting to read
         self.scope = False        # an autobatch scope (else a @batched call)
+        self.inference = torch.is_inference_mode_enabled()   # the caller's
 
 
 def current_run():
@@ -267,16 +269,16 @@ def _default_device() -> torch.device:
 def _eager_constant(run, fn, args, kwargs):
     """A torch call on no lazy input, inside traced code: run it now; tensor results are
     per-example data (constants)."""
-    with _DisableTorchFunction():
+    with _DisableTorchFunction():   # constant() reads tensor attributes: no dispatch
         out = fn(*args, **kwargs)
-    if isinstance(out, Tensor):
-        if any(out is a for a in args):
-            return out
-        return constant(run, out, raw_site(3))
-    if isinstance(out, (tuple, list)) and out and all(isinstance(o, Tensor) for o in out):
-        site = raw_site(3)
-        return type(out)([constant(run, o, site) for o in out])
-    return out
+        if isinstance(out, Tensor):
+            if any(out is a for a in args):
+                return out
+            return constant(run, out, raw_site(3))
+        if isinstance(out, (tuple, list)) and out and all(isinstance(o, Tensor) for o in out):
+            site = raw_site(3)
+            return type(out)([constant(run, o, site) for o in out])
+        return out
 
 
 def _special(run, fn, args, kwargs):
@@ -362,6 +364,11 @@ _INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloo
 
 
 def _new_signature(run, fn, args, kwargs, key) -> Signature:
+    with _DisableTorchFunction():   # inference and specialization read tensor attributes
+        return _make_signature(run, fn, args, kwargs, key)
+
+
+def _make_signature(run, fn, args, kwargs, key) -> Signature:
     name = rules.name_of(fn)
     short = getattr(fn, "__name__", "")
     if (short.endswith("_") and not short.startswith("__")) or kwargs.get("inplace") is True \
@@ -416,30 +423,43 @@ def force(lt: LazyTensor) -> Tensor:
     """The real value of a lazy tensor, executing its run's pending work first."""
     node = lt.node
     if node.batch is None:
-        run = node.owner
-        if run.block_trace:
-            raise BlockError("a block's body reads a tensor's value "
-                             f"(at {where(run.example, node.site)})")
-        if run.closed:
-            raise MixedRunError("this lazy tensor's run ended before it was computed "
-                                "(the run failed); recompute it in a new run")
-        if run.main is not None and _suspendable(run):
-            # NOTE [reads]: wait for the other examples to reach their reads too, so the
-            # pending work of all of them runs as one set of batches.
-            grad = torch.is_grad_enabled()
-            run.wanted.append(node)
-            run.main.switch()
-            if torch.is_grad_enabled() != grad:   # another example changed it meanwhile
-                with _DisableTorchFunction():
-                    torch._C._set_grad_enabled(grad)
-        if node.batch is None:
-            # In a scope the user's own loop comes back for the other pending values: run
-            # them all now, batched. In @batched code, run only what this read needs.
-            _execute_pending(run, None if run.scope else [node])
+        force_all([lt])
     if lt._value is None:
         with _DisableTorchFunction():   # dynbatch's own indexing must not be recorded
             lt._value = node.batch[lt.index][node.row]
     return lt._value
+
+
+def force_all(lazies) -> None:
+    """Execute what the given lazy tensors (of one run) need: in @batched code, after every
+    other example has reached a read too (NOTE [reads])."""
+    pending = [lt.node for lt in lazies if lt.node.batch is None]
+    if not pending:
+        return
+    run = pending[0].owner
+    if run.block_trace:
+        raise BlockError("a block's body reads a tensor's value "
+                         f"(at {where(run.example, pending[0].site)})")
+    if run.closed:
+        raise MixedRunError("this lazy tensor's run ended before it was computed "
+                            "(the run failed); recompute it in a new run")
+    if run.main is not None and _suspendable(run):
+        # NOTE [reads]: wait for the other examples to reach their reads too, so the
+        # pending work of all of them runs as one set of batches.
+        if torch.is_inference_mode_enabled() != run.inference:
+            unsupported("reading a value inside torch.inference_mode() in per-example code "
+                        "(the mode cannot follow the example across the suspension; use "
+                        "torch.no_grad() there, or wrap the whole @batched call)")
+        grad = torch.is_grad_enabled()
+        run.wanted.extend(pending)
+        run.main.switch()
+        if torch.is_grad_enabled() != grad:   # another example changed it meanwhile
+            with _DisableTorchFunction():
+                torch._C._set_grad_enabled(grad)
+    if any(n.batch is None for n in pending):
+        # In a scope the user's own loop comes back for the other pending values: run
+        # them all now, batched. In @batched code, run only what this read needs.
+        _execute_pending(run, None if run.scope else pending)
 
 
 def _suspendable(run) -> bool:
@@ -467,7 +487,8 @@ def wrap_example(run: Run, example):
     per-example constants; anything else (nltk Trees, dataclasses...) is left as it is."""
     t = type(example)
     if isinstance(example, Tensor):
-        return constant(run, example)
+        with _DisableTorchFunction():
+            return constant(run, example)
     if t is list or t is tuple:
         if any(isinstance(x, (Tensor, list, tuple, dict)) for x in example):
             return t(wrap_example(run, x) for x in example)

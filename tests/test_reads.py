@@ -2,13 +2,14 @@
 ``float(x)``, ``x.tolist()``, ``db.force(x)``) and still batches.
 
 Under ``@db.batched`` every example runs in its own greenlet; a read suspends it until every
-example has reached a read or its end, then everything pending executes batched and they all
-resume. These tests hold that mechanism to the eager per-example code (values and parameter
-gradients, float64, atol 1e-8: conftest's autouse ``float64`` fixture), to the batching
-bound (batched calls grow with the number of reads T, not with examples x reads), and to a
-clean failure (the exception of one example propagates as raised; the others are unwound; no
-greenlet, run, torch-function mode or grad mode is left behind; the next run works; no
-deadlock).
+example has reached a read or its end, then the pending work those reads need executes
+batched and they all resume. These tests hold that mechanism to the eager per-example code
+(values and parameter gradients, float64, atol 1e-8: conftest's autouse ``float64``
+fixture), to the batching bound (batched calls grow with the number of reads T, not with
+examples x reads), and to a clean failure (the exception of one example propagates as
+raised; the others are unwound; no greenlet, run, torch-function mode or grad mode is left
+behind; the next run works; no deadlock). The reference models of the issue's examples
+(GRU greedy decoder, shift-reduce parser) are checked the same way at the end.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def live_greenlets():
 def restore_grad_mode():
     """A failing (or xfailing) test must not leave grad mode off for the next ones."""
     yield
-    torch.set_grad_enabled(True)
+    torch._C._set_grad_enabled(True)
 
 
 def assert_clean_state():
@@ -224,7 +225,7 @@ def test_db_force_and_every_read_kind():
         forced = db.force(y)                     # a real tensor, detached from nothing
         assert type(forced) is torch.Tensor
         n = int(y.argmax())
-        f = float(y.max())
+        f = float(y.detach().max())
         b = bool(y.min() < 0)
         i = y.sum().item()
         lst = y.tolist()
@@ -589,12 +590,47 @@ def test_no_grad_in_one_example_does_not_leak_into_the_others():
     torch.manual_seed(11)
     lin = nn.Linear(H, H)
     examples = list(enumerate(vectors(5)))
-    try:
-        outs = assert_matches_eager(one_frozen_reader, examples, lin, atol=ATOL, rtol=RTOL)
-        assert all(o[0].requires_grad for o in outs)
-        assert torch.is_grad_enabled()
-    finally:
-        torch.set_grad_enabled(True)      # do not leak into later tests while xfailing
+    outs = assert_matches_eager(one_frozen_reader, examples, lin, atol=ATOL, rtol=RTOL)
+    assert all(o[0].requires_grad for o in outs)
+    assert torch.is_grad_enabled()
+
+
+def inference_reader(ex, lin):
+    i, x = ex
+    h = lin(x)
+    if i == 0:
+        with torch.inference_mode():
+            h.sum().item()               # examples[0] suspends inside inference mode
+    return lin(h).sum()
+
+
+def test_inference_mode_around_a_read_is_refused_not_leaked():
+    # torch keeps inference mode per thread; it cannot follow one suspended example, so a
+    # read inside it in per-example code is refused with a clear error, never leaked into
+    # the other examples (which would silently lose their gradients).
+    from dynbatch.errors import UnsupportedError
+    torch.manual_seed(14)
+    lin = nn.Linear(H, H)
+    examples = list(enumerate(vectors(2)))
+    with pytest.raises(UnsupportedError, match="inference_mode"):
+        db.batched(inference_reader)(examples, lin)
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    assert trace._current is None
+
+
+def test_whole_call_under_inference_mode_reads_fine():
+    torch.manual_seed(15)
+    lin = nn.Linear(H, H)
+    xs = vectors(4)
+
+    def fn(x, lin):
+        h = lin(x)
+        return h * 2 if h.sum().item() > 0 else h * 3
+    with torch.inference_mode():
+        outs = db.batched(fn)(xs, lin)
+        eager = [fn(x, lin) for x in xs]
+    for o, e in zip(outs, eager):
+        assert_close(o, e, atol=ATOL, rtol=RTOL, where="inference")
 
 
 def test_grad_mode_restored_after_a_failure_under_no_grad():
@@ -609,12 +645,9 @@ def test_grad_mode_restored_after_a_failure_under_no_grad():
             raise ValueError("boom")
         return lin(x).sum()
 
-    try:
-        with pytest.raises(ValueError, match="boom"):
-            db.batched(fn)(list(enumerate(vectors(4))), lin)
-        assert torch.is_grad_enabled()
-    finally:
-        torch.set_grad_enabled(True)
+    with pytest.raises(ValueError, match="boom"):
+        db.batched(fn)(list(enumerate(vectors(4))), lin)
+    assert_clean_state()
 
 
 def test_grads_through_values_chosen_by_reads():
@@ -631,3 +664,101 @@ def test_grads_through_values_chosen_by_reads():
         assert (b is None) == (e is None)
         if b is not None:
             close(b, e, where=f"grad {k}")
+
+
+# -- the reference models of examples/greedy_decode.py and examples/shift_reduce.py ----------
+
+def test_seq2seq_greedy_decoding_matches_eager_and_padded():
+    from dynbatch.models.decoder import Seq2SeqGRU, greedy_padded
+    torch.manual_seed(16)
+    model = Seq2SeqGRU(vocab_size=8, embed_dim=4, hidden_dim=6, bos=6, eos=7)
+    with torch.no_grad():                 # some sequences stop early, some run to max_len
+        model.out.weight.normal_(0, 1.5)
+        model.decoder.weight_hh.normal_(0, 1.0)
+    g = torch.Generator().manual_seed(15)
+    srcs = [torch.randint(0, 6, (int(n),), generator=g).tolist()
+            for n in torch.randint(1, 6, (12,), generator=g)]
+    runs = []
+
+    def decode(src, model):
+        grab_run(runs)
+        return model.greedy(src, 6)
+    eager = [model.greedy(s, 6) for s in srcs]
+    assert len({len(e) for e in eager}) >= 4, eager
+    assert db.batched(decode)(srcs, model) == eager
+    assert greedy_padded(model, srcs, 6) == eager
+    assert db.stats().batches <= 3 * 5 + 5 * 6 + 3   # encoder steps x 3 + decoder steps x 5
+    # teacher-forced loss: values and gradients equal eager
+    assert_matches_eager(lambda s, m: m.loss(s, s[::-1]), srcs, model, atol=ATOL, rtol=RTOL)
+    assert_clean_state()
+
+
+class _T:
+    """A minimal binary tree: ``children`` (empty at leaves)."""
+
+    def __init__(self, *children):
+        self.children = children
+
+
+def _random_tree(n, rng):
+    if n == 1:
+        return _T()
+    k = rng.randint(1, n - 1)
+    return _T(_random_tree(k, rng), _random_tree(n - k, rng))
+
+
+def test_parser_transitions_and_spans():
+    from dynbatch.models import parser as P
+    import random
+    rng = random.Random(0)
+    for n in range(1, 12):
+        tree = _random_tree(n, rng)
+        gold = P.gold_transitions(tree)
+        assert len(gold) == 2 * n - 1 and gold.count(P.SHIFT) == n
+        spans = P.tree_spans(tree)
+        assert len(spans) == n - 1 and (spans[-1] == (0, n) if n > 1 else spans == [])
+        assert P.bracket_counts(spans, spans, n) == (max(n - 2, 0),) * 3
+        assert P.bracket_counts(spans, spans, n, include_root=True) == (n - 1,) * 3
+    assert P.spans_from_transitions(P.right_branching(4)) == [(2, 4), (1, 4), (0, 4)]
+    assert P.spans_from_transitions(P.left_branching(4)) == [(0, 2), (0, 3), (0, 4)]
+    with pytest.raises(ValueError):
+        P.gold_transitions(_T(_T(), _T(), _T()))
+
+
+def test_parser_batched_matches_eager():
+    from dynbatch.models import parser as P
+    import random
+    rng = random.Random(1)
+    torch.manual_seed(16)
+    model = P.ShiftReduceParser(vocab_size=20, embed_dim=4, lstm_dim=4, hidden_dim=4,
+                                mlp_dim=4)
+    sentences = []
+    for n in [1, 2, 3, 5, 8, 4, 6, 7, 3, 9]:
+        ids = [rng.randrange(20) for _ in range(n)]
+        sentences.append((ids, P.gold_transitions(_random_tree(n, rng))))
+    # training: per-decision cross-entropy with the gold actions, values and grads
+    assert_matches_eager(lambda s, m: m.loss(*s)[0], sentences, model, atol=ATOL, rtol=RTOL)
+    # parsing: every decision is int(scores.argmax()), a read; same actions as eager
+    runs = []
+
+    def parse(s, m):
+        grab_run(runs)
+        return m.parse(s[0])
+    with torch.no_grad():
+        eager = [model.parse(ids) for ids, _ in sentences]
+        assert db.batched(parse)(sentences, model) == eager
+    for (ids, _), actions in zip(sentences, eager):
+        assert len(actions) == 2 * len(ids) - 1
+    most = max(sum(1 for _ in _decision_points(a)) for a in eager)
+    assert runs[-1].rounds == most
+    assert db.stats().batches < sum(len(a) for a in eager), str(db.stats())
+    assert_clean_state()
+
+
+def _decision_points(actions):
+    from dynbatch.models import parser as P
+    stack, left = 0, actions.count(P.SHIFT)
+    for a in actions:
+        if stack >= 2 and left > 0:
+            yield a
+        stack, left = (stack + 1, left - 1) if a == P.SHIFT else (stack - 1, left)
