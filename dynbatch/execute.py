@@ -20,6 +20,7 @@ from . import profile, rules
 from .errors import ExecuteError, where
 from .schedule import schedule
 from .signature import CONST, autograd_mode
+from .trace import BULK_STACK
 
 Tensor = torch.Tensor
 _DisableTorchFunction = torch._C.DisableTorchFunction
@@ -41,7 +42,7 @@ def execute_pending(run, targets=None) -> None:
     if targets is None:
         pending = [n for n in nodes[start:] if n.batch is None]
     else:
-        pending = _needed(nodes, targets)
+        pending = _needed(nodes, targets, start)
     if not pending:
         return
     t0 = time.perf_counter()
@@ -93,26 +94,27 @@ def _in_mode(mode: int):
     return torch.set_grad_enabled(bool(mode))
 
 
-def _needed(nodes, targets) -> list:
-    """The unexecuted ancestors of ``targets`` (nodes), themselves included, by id."""
-    seen = set()
-    stack = [t for t in targets if t.batch is None]
+def _needed(nodes, targets, floor: int) -> list:
+    """The unexecuted ancestors of ``targets`` (nodes), themselves included, by id. One
+    backward sweep down to ``floor`` (every node below it has run): a node's inputs always
+    have smaller ids."""
+    live = [t.id for t in targets if t.batch is None]
+    if not live:
+        return []
+    top = max(live)
+    mark = bytearray(top + 1)
+    for i in live:
+        mark[i] = 1
     found = []
-    while stack:
-        node = stack.pop()
-        if node.id in seen:
-            continue
-        seen.add(node.id)
-        found.append(node)
-        for j in node.inputs:
-            if j not in seen and nodes[j].batch is None:
-                stack.append(nodes[j])
-    found.sort(key=_by_id)
+    for i in range(top, floor - 1, -1):
+        if mark[i]:
+            node = nodes[i]
+            if node.batch is None:
+                found.append(node)
+                for j in node.inputs:
+                    mark[j] = 1
+    found.reverse()
     return found
-
-
-def _by_id(node):
-    return node.id
 
 
 def lazy_nodes(structure, found=None) -> list:
@@ -141,9 +143,12 @@ def run_batch(nodes, info) -> None:
             out = (torch.stack(values) if len(values) > 1 else values[0].unsqueeze(0),)
     else:
         first = nodes[0]
+        direct = info.direct
+        if direct is not None and type(direct[0]) is str:
+            _store(nodes, (_bulk(nodes, direct),))
+            return
         args = list(first.args)
         kwargs = first.kwargs or {}
-        direct = info.direct
         if direct is not None and direct[1]:
             kwargs = rules.apply_edits(args, kwargs, direct[1])
         if kwargs and any(p[0] == "kw" for p in info.paths):
@@ -172,9 +177,29 @@ def run_batch(nodes, info) -> None:
         except Exception as err:
             out = _recover(nodes, info, err)
         out = (out,) if info.structure is None else tuple(out)
+    _store(nodes, out)
+
+
+def _store(nodes, out) -> None:
     for row, node in enumerate(nodes):
         node.batch = out
         node.row = row
+
+
+def _bulk(nodes, direct) -> Tensor:
+    """stack/cat of k per-example members: one gather of k x B rows (member-major),
+    then views. See trace._bulk_list."""
+    kind, dim = direct
+    k = len(nodes[0].args[0])
+    column = [n.args[0][j] for j in range(k) for n in nodes]
+    rows = gather(column)
+    b = len(nodes)
+    x = rows.view(k, b, *rows.shape[1:]).transpose(0, 1)      # [B, k, *member]
+    if kind == BULK_STACK:
+        return x.movedim(1, 1 + dim) if dim else x
+    x = x.movedim(1, 1 + dim)                                  # [B, ..., k, m_dim, ...]
+    shape = list(x.shape)
+    return x.reshape(*shape[:1 + dim], shape[1 + dim] * shape[2 + dim], *shape[3 + dim:])
 
 
 def value_of(lt) -> Tensor:

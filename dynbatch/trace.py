@@ -16,6 +16,7 @@ import time
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 from . import lazy, rules
 from .errors import (BlockError, MixedRunError, TraceError, UnsupportedError, raw_site,
@@ -58,6 +59,9 @@ _METADATA = {Tensor.dim, Tensor.size, Tensor.numel, Tensor.is_floating_point,
 
 
 _SPECIAL = _METADATA | _READS | _DATA_DEPENDENT
+_ATTRIBUTE_GETTERS = {getattr(Tensor, name).__get__ for name in (
+    "shape", "dtype", "device", "requires_grad", "is_cuda", "ndim", "layout", "grad",
+    "is_leaf", "data", "T", "mT", "names") if hasattr(getattr(Tensor, name, None), "__get__")}
 
 
 class Run:
@@ -269,6 +273,13 @@ def _default_device() -> torch.device:
 def _eager_constant(run, fn, args, kwargs):
     """A torch call on no lazy input, inside traced code: run it now; tensor results are
     per-example data (constants)."""
+    if fn in _ATTRIBUTE_GETTERS:       # x.shape, p.device on a real tensor: not data
+        with _DisableTorchFunction():
+            return fn(*args, **kwargs)
+    if run.default_device.type != "cpu" and "device" not in kwargs and \
+            fn in _device_constructors():
+        # torch.set_default_device's mode sits below ours and is disabled here with it
+        kwargs = dict(kwargs, device=run.default_device)
     with _DisableTorchFunction():   # constant() reads tensor attributes: no dispatch
         out = fn(*args, **kwargs)
         if isinstance(out, Tensor):
@@ -396,7 +407,8 @@ def _make_signature(run, fn, args, kwargs, key) -> Signature:
                                                                                   _paths)
         else:
             info.rule = rules.rule_for(fn)
-            info.direct = rules.specialize(info.rule, fn, args, kwargs, flags)
+            info.direct = _bulk_list(fn, args, kwargs, paths) or \
+                rules.specialize(info.rule, fn, args, kwargs, flags)
     if is_cacheable(key):
         if len(_GLOBAL_SIGNATURES) > _GLOBAL_LIMIT:
             _GLOBAL_SIGNATURES.clear()
@@ -404,6 +416,35 @@ def _make_signature(run, fn, args, kwargs, key) -> Signature:
     else:
         run.local_signatures[key] = info
     return info
+
+
+BULK_STACK, BULK_CAT = "bulk-stack", "bulk-cat"
+
+
+def _bulk_list(fn, args, kwargs, paths):
+    """``torch.stack(losses)`` of many per-example tensors of one shape: the executor
+    gathers all members in one go (k x B rows) and reshapes, instead of k gathers and an
+    unsqueeze per member. Returns (BULK_STACK | BULK_CAT, per-example dim) or None."""
+    if fn is not _torch_stack and fn is not _torch_cat:
+        return None
+    members = args[0] if args and type(args[0]) in (list, tuple) else None
+    if members is None or len(members) < 4 or len(paths) != len(members):
+        return None
+    if any(type(m) is not LazyTensor or m.tkey != members[0].tkey for m in members):
+        return None
+    extra = set(kwargs) - {"dim"}
+    if extra or len(args) > 2:
+        return None
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    rank = len(members[0].tkey[0])
+    if fn is _torch_stack:
+        return BULK_STACK, dim % (rank + 1)
+    if rank == 0:
+        return None
+    return BULK_CAT, dim % rank
+
+
+_torch_stack, _torch_cat = torch.stack, torch.cat
 
 
 def _device_of(out: Tensor, args) -> torch.device:

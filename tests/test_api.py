@@ -686,3 +686,21 @@ def test_dead_code_gives_no_gradient():
         return torch.tanh(x * v)
 
     assert_matches_eager(fn, vectors(4, 3), W, v, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("op", ["stack", "cat"])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_stack_and_cat_of_many_members_gather_in_bulk(op, dim, monkeypatch):
+    # torch.stack(losses) over many per-example tensors: the executor gathers all members
+    # in one go (execute._bulk); results and gradients must stay those of eager.
+    from dynbatch import execute
+    calls = []
+    real = execute._bulk
+    monkeypatch.setattr(execute, "_bulk", lambda nodes, d: calls.append(d) or real(nodes, d))
+    W = nn.Parameter(torch.randn(3, 3))
+
+    def fn(n, W):
+        xs = [torch.tanh(W @ torch.full((3,), float(i + n))).reshape(3, 1) for i in range(5)]
+        return getattr(torch, op)(xs, dim=dim).sin()
+    assert_matches_eager(fn, [1, 2, 3], W, atol=ATOL, rtol=RTOL)
+    assert calls, "the bulk path was not taken"
