@@ -148,23 +148,44 @@ def _lstm_shell(model: BiLSTMTagger) -> tuple[nn.LSTM, dict[str, Tensor]]:
     return shell, params
 
 
-def padded_tagger_loss(model: BiLSTMTagger, sentences: Sequence[Sequence[int]],
-                       tags: Sequence[Sequence[int]]) -> Tensor:
-    """Per-sentence sum of token losses, shape [len(sentences)]; sentences must be non-empty."""
+def _packed_tagger_logits(model: BiLSTMTagger, sentences: Sequence[Sequence[int]]
+                          ) -> tuple[Tensor, list[int], list[int]]:
+    """Logits of every token in packed order (time-major over the length-sorted batch), with
+    each packed row's sentence index and position."""
     device = model.out.weight.device
     order = sorted(range(len(sentences)), key=lambda b: -len(sentences[b]))
     lengths = [len(sentences[b]) for b in order]
     T = lengths[0]
-    # Packed data is time-major over the length-sorted batch; build targets in that order too.
     packed_rows = [b for t in range(T) for b in order if len(sentences[b]) > t]
     packed_pos = [t for t in range(T) for b in order if len(sentences[b]) > t]
     padded = [list(sentences[b]) + [0] * (T - len(sentences[b])) for b in order]
-    words, targets, sent_idx = _to_device(
-        [[w for s in padded for w in s], [tags[b][t] for b, t in zip(packed_rows, packed_pos)],
-         packed_rows], device)
+    words = torch.tensor([w for s in padded for w in s], dtype=torch.long, device=device)
     x = model.embedding(words.view(len(order), T))
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=True)
     shell, params = _lstm_shell(model)
     out, _ = functional_call(shell, params, (packed,))
-    losses = F.cross_entropy(model.out(out.data), targets, reduction="none")
+    return model.out(out.data), packed_rows, packed_pos
+
+
+def padded_tagger_loss(model: BiLSTMTagger, sentences: Sequence[Sequence[int]],
+                       tags: Sequence[Sequence[int]]) -> Tensor:
+    """Per-sentence sum of token losses, shape [len(sentences)]; sentences must be non-empty."""
+    logits, packed_rows, packed_pos = _packed_tagger_logits(model, sentences)
+    # Packed data is time-major over the length-sorted batch; build targets in that order too.
+    targets, sent_idx = _to_device(
+        [[tags[b][t] for b, t in zip(packed_rows, packed_pos)], packed_rows], logits.device)
+    losses = F.cross_entropy(logits, targets, reduction="none")
     return losses.new_zeros(len(sentences)).index_add(0, sent_idx, losses)
+
+
+def padded_tagger_logits(model: BiLSTMTagger, sentences: Sequence[Sequence[int]]) -> Tensor:
+    """Every token's logits in sentence order (sentence 0's tokens first), shape
+    [total tokens, num_tags]; sentences must be non-empty."""
+    logits, packed_rows, packed_pos = _packed_tagger_logits(model, sentences)
+    offsets = [0]
+    for s in sentences:
+        offsets.append(offsets[-1] + len(s))
+    # Where each packed row goes in sentence order; one scatter puts them all in place.
+    dest = torch.tensor([offsets[b] + t for b, t in zip(packed_rows, packed_pos)],
+                        dtype=torch.long, device=logits.device)
+    return logits.new_empty(logits.shape).index_copy(0, dest, logits)

@@ -108,7 +108,26 @@ def raise_mixed(owner):
 
 def signature_key(fn, args, kwargs, owner):
     """(key, input node ids, max input depth) of one call. ``owner`` is the recording run."""
-    key = [fn, 2 if _is_inference() else 1 if _is_grad_enabled() else 0]
+    mode = 2 if _is_inference() else 1 if _is_grad_enabled() else 0
+    if not kwargs and 0 < len(args) <= 2:
+        # Fast path for the commonest calls (unary ops; binary ops on two lazy tensors or a
+        # lazy tensor and a Python number). It builds exactly the key the loop below would.
+        a = args[0]
+        if type(a) is LazyTensor:
+            na = a.node
+            if na.owner is owner:
+                if len(args) == 1:
+                    return (fn, mode, a.tkey), [na.id], na.depth
+                b = args[1]
+                tb = type(b)
+                if tb is LazyTensor:
+                    nb = b.node
+                    if nb.owner is owner:
+                        depth = na.depth if na.depth > nb.depth else nb.depth
+                        return (fn, mode, a.tkey, b.tkey), [na.id, nb.id], depth
+                elif tb is float or tb is int:
+                    return (fn, mode, a.tkey, tb, b), [na.id], na.depth
+    key = [fn, mode]
     inputs = []
     depth = -1
     for a in args:

@@ -21,6 +21,8 @@ from torch.utils._device import _device_constructors
 from . import lazy, rules
 from .errors import (BlockError, MixedRunError, TraceError, UnsupportedError, raw_site,
                      where)
+from .errors import _is_internal_file as _internal_files
+from sys import _getframe
 from .graph import Graph, Node
 from .lazy import LazyTensor
 from .signature import (BLOCK, CONST, EAGER, OP, Signature, is_cacheable, layout_of,
@@ -213,8 +215,13 @@ def record(fn, args, kwargs):
     if kind is not OP and kind is not BLOCK:
         return _special(run, fn, args, kwargs)
     nodes = run.graph.nodes
-    node = Node(len(nodes), fn, args, kwargs, info, inputs, depth + 1, run.example,
-                raw_site(2), run)
+    # the user's line: inline for the common case (the caller's caller is theirs)
+    frame = _getframe(2)
+    code = frame.f_code
+    internal = _internal_files.get(code.co_filename)
+    site = (code, frame.f_lineno) if internal is False else raw_site(2)
+    node = Node(len(nodes), fn, args, kwargs, info, inputs, depth + 1, run.example, site,
+                run)
     nodes.append(node)
     if info.structure is None:
         return LazyTensor(node, 0, info.outputs[0])
