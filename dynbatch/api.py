@@ -42,9 +42,9 @@ def force(x):
     forced in one go: one suspension of the example, not one per tensor."""
     if type(x) is LazyTensor:
         return x.value
-    lazies = [n for n in lazy_nodes(x)]
+    lazies = _lazy_tensors(x)
     if len(lazies) > 1:
-        trace.force_all([lt for lt in _lazy_tensors(x)])
+        trace.force_all(lazies)
     return _force_structure(x)
 
 
