@@ -1,0 +1,106 @@
+"""scripts/bench.py in quick mode on tiny data: the harness runs end to end, every
+implementation agrees with the eager per-example code, and the outputs are written.
+Timings are never checked here (they belong to the benchmark, not to pass/fail tests)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    # Overrides conftest's float64 fixture: the benchmark runs in float32, as users do.
+    old_dtype, old_threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old_dtype)
+        torch.set_num_threads(old_threads)
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _ptb(rng: random.Random, leaves: int) -> str:
+    label = rng.randrange(5)
+    if leaves == 1:
+        return f"({label} w{rng.randrange(30)})"
+    k = rng.randint(1, leaves - 1)
+    return f"({label} {_ptb(rng, k)} {_ptb(rng, leaves - k)})"
+
+
+@pytest.fixture
+def tiny_sst(tmp_path: Path) -> Path:
+    """A few SST-format trees, so the test needs no data download and runs anywhere."""
+    rng = random.Random(0)
+    d = tmp_path / "sst"
+    d.mkdir()
+    (d / "train.txt").write_text("\n".join(_ptb(rng, rng.randint(1, 9)) for _ in range(12)) + "\n")
+    return d
+
+
+def test_quick_tiny_run_agrees_and_writes_outputs(tmp_path: Path, tiny_sst: Path, capsys):
+    from benchmarks import peers
+
+    out = tmp_path / "out"
+    rc = _bench_module().main([
+        "--quick", "--tiny", "--tasks", "sst128,ast,tagger", "--sizes", "4", "--repeats", "1",
+        "--examples", "8", "--eager-examples", "4", "--memory-sizes", "4",
+        "--memory-impls", "hand", "--memory-tasks", "sst128", "--sst-dir", str(tiny_sst),
+        "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["agreement_ok"]
+
+    expected = {"eager", "hand", "dynbatch-agenda", "dynbatch-depth"}
+    # Never import DyNet here: it slows PyTorch in the same process (harness.ProcessRunner).
+    if importlib.util.find_spec("dynet") is not None:
+        expected.add("dynet")
+    if peers.torchfold_status() is None:
+        expected.add("torchfold")
+    for task in ("sst128", "ast", "tagger"):
+        want = expected | ({"dynbatch-blocks-agenda", "dynbatch-blocks-depth"}
+                           if task == "sst128" else set())
+        agreement = result["tasks"][task]["agreement"]
+        assert set(agreement) == want, task
+        assert all(a["ok"] for a in agreement.values()), agreement
+        timed = {r["impl"] for r in result["results"] if r["task"] == task}
+        assert timed == want, task
+        for r in result["results"]:
+            assert r["train_eps"] > 0 and r["infer_eps"] > 0
+    # One fresh process (the slow part of this test): hand-batched on sst128.
+    assert [(m["task"], m["impl"]) for m in result["memory"]] == [("sst128", "hand")]
+    assert result["memory"][0]["peak_mb"] > 0
+    # dynbatch rows carry the engine's own counters.
+    row = next(r for r in result["results"] if r["impl"] == "dynbatch-blocks-agenda")
+    assert row["train_stats"]["batches"] >= 1 and "trace_s" in row["train_stats"]
+
+    md = (out / "BENCHMARKS.md").read_text()
+    assert "## Headline" in md and "## Peak memory" in md and "--tiny" in md
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "speedup.png").stat().st_size > 0
+    except ImportError:
+        assert "no plot" in capsys.readouterr().err
+
+
+def test_missing_sst_skips_with_a_message(tmp_path: Path):
+    from benchmarks import harness
+    cfg = harness.Config(tasks=("sst128",), impls=("eager", "hand"), sizes=(2,), threads=(1,),
+                         repeats=1, memory_sizes=(), sst_dir=str(tmp_path / "absent"),
+                         tiny=True, limit=4)
+    result = harness.run(cfg)
+    assert "sst128" in result["skipped"] and "SST not found" in result["skipped"]["sst128"]
+    assert result["results"] == []
