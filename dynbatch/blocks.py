@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import rules, trace
+from . import rules, specialize, trace
 from .errors import BlockError, TraceError, where, raw_site
 from .lazy import LazyTensor
 from .graph import Node
@@ -151,7 +151,7 @@ def _builtin_block_signature(run, fn, args, kwargs, paths, flags, name) -> Signa
     outputs, structure = _output_spec(out)
     info = Signature(BLOCK, fn, rules.native_module_rule, outputs, structure, paths,
                      flags, autograd_mode(), name=name)
-    info.direct = rules.specialize(info.rule, fn, args, kwargs, flags)
+    info.direct = specialize.specialize(info.rule, fn, args, kwargs, flags)
     return info
 
 
@@ -219,7 +219,7 @@ _ARGUMENT = _ArgumentMarker()
 class Program:
     """A block body compiled for replay on a whole batch: straight-line Python generated
     once per signature (as torch.fx generates code), one line per recorded op. Where a
-    rule's decision is fixed by the signature (``rules.specialize``) the line is the plain
+    rule's decision is fixed by the signature (``specialize.specialize``) the line is the plain
     batched torch call; elsewhere it calls the rule. Values that depend on no argument are
     computed unbatched (NOTE [batch dim]) and expanded only if returned."""
 
@@ -269,10 +269,10 @@ class Program:
                 if isinstance(fn, nn.Module):
                     call_fn = functools.partial(_original_call, fn)
             else:
-                spec = rules.specialize(info.rule, fn, node.args, node.kwargs or {}, pe)
+                spec = specialize.specialize(info.rule, fn, node.args, node.kwargs or {}, pe)
                 if spec is not None:
                     call_fn, edits = spec
-                    kwargs = rules.apply_edits(args, kwargs, edits)
+                    kwargs = specialize.apply_edits(args, kwargs, edits)
                 else:
                     generic = True
             # A nested block sees all its tensor inputs batched: expand the unbatched ones.

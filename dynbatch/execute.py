@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import profile, rules
+from . import rules, specialize
 from .errors import ExecuteError, where
 from .schedule import schedule
 from .signature import CONST, autograd_mode
@@ -150,7 +150,7 @@ def run_batch(nodes, info) -> None:
         args = list(first.args)
         kwargs = first.kwargs or {}
         if direct is not None and direct[1]:
-            kwargs = rules.apply_edits(args, kwargs, direct[1])
+            kwargs = specialize.apply_edits(args, kwargs, direct[1])
         if kwargs and any(p[0] == "kw" for p in info.paths):
             kwargs = dict(kwargs)
         memo = [None, None]

@@ -63,7 +63,7 @@ class Signature:
         self.per_example = per_example  # flags mirroring args, for the rule
         self.grad = grad                # autograd_mode() the nodes were recorded in
         self.name = name
-        self.direct = None              # rules.specialize's (fn, edits), when it applies
+        self.direct = None              # specialize.specialize's (fn, edits), when it applies
 
     def __repr__(self) -> str:
         shapes = ", ".join(str(tuple(t[0])) for t in self.outputs)

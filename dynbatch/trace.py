@@ -12,13 +12,12 @@ kernel). The run's TorchFunctionMode sends every torch call made by the traced c
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-from . import lazy, rules
+from . import lazy, rules, specialize
 from .errors import (BlockError, MixedRunError, TraceError, UnsupportedError, raw_site,
                      where)
 from .errors import _is_internal_file as _internal_files
@@ -415,7 +414,7 @@ def _make_signature(run, fn, args, kwargs, key) -> Signature:
         else:
             info.rule = rules.rule_for(fn)
             info.direct = _bulk_list(fn, args, kwargs, paths) or \
-                rules.specialize(info.rule, fn, args, kwargs, flags)
+                specialize.specialize(info.rule, fn, args, kwargs, flags)
     if is_cacheable(key):
         if len(_GLOBAL_SIGNATURES) > _GLOBAL_LIMIT:
             _GLOBAL_SIGNATURES.clear()

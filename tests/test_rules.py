@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynbatch import rules
+from dynbatch import rules, specialize
 from dynbatch.rules import FallbackError
 
 T = torch.Tensor
@@ -490,18 +490,18 @@ def test_loop_fallback_is_an_error_under_strict(strict):
 
 @pytest.mark.parametrize("fn, builder, direct", CASES)
 def test_specialization_matches_loop(fn, builder, direct, strict):
-    """Where ``rules.specialize`` fixes a rule's decision once per signature, the rewritten
+    """Where ``specialize.specialize`` fixes a rule's decision once per signature, the rewritten
     plain call must compute what the per-example loop computes."""
     torch.manual_seed(0)
     args, kwargs = builder()
     kwargs = {k: _resolve(v) for k, v in kwargs.items()}
     batch_args, flags = stacked(args)
-    spec = rules.specialize(rules.rule_for(fn), fn, batch_args, kwargs, flags)
+    spec = specialize.specialize(rules.rule_for(fn), fn, batch_args, kwargs, flags)
     if spec is None:
         pytest.skip("no specialization: the rule decides per batch")
     call, edits = spec
     call_args = list(batch_args)
-    call_kwargs = rules.apply_edits(call_args, kwargs, edits)
+    call_kwargs = specialize.apply_edits(call_args, kwargs, edits)
     assert all(not isinstance(v, torch.Tensor) for _, v in edits), "an edit holds a tensor"
     got = components(call(*call_args, **call_kwargs))
     assert_same(got, loop(fn, args, kwargs), "specialized call vs loop")
