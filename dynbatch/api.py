@@ -24,7 +24,7 @@ except ImportError:  # without it, reads still give exact values but run unbatch
 from . import profile, rules, trace
 from .blocks import block
 from .errors import DynbatchError
-from .execute import execute_pending, lazy_nodes, materialize
+from .execute import execute_pending, lazy_tensors, materialize
 from .lazy import LazyTensor
 from .schedule import STRATEGIES
 
@@ -42,23 +42,10 @@ def force(x):
     forced in one go: one suspension of the example, not one per tensor."""
     if type(x) is LazyTensor:
         return x.value
-    lazies = _lazy_tensors(x)
+    lazies = lazy_tensors(x)
     if len(lazies) > 1:
         trace.force_all(lazies)
     return _force_structure(x)
-
-
-def _lazy_tensors(x, found=None):
-    found = [] if found is None else found
-    if type(x) is LazyTensor:
-        found.append(x)
-    elif type(x) in (list, tuple):
-        for v in x:
-            _lazy_tensors(v, found)
-    elif type(x) is dict:
-        for v in x.values():
-            _lazy_tensors(v, found)
-    return found
 
 
 def _force_structure(x):
@@ -155,7 +142,7 @@ def run_batched(fn, batch, leading, args, kwargs, strategy):
             outs = _trace_examples(run, fn, leading, examples, args, kwargs)
             run.stats.trace_s = time.perf_counter() - t0 - run.stats.schedule_s \
                 - run.stats.execute_s
-            execute_pending(run, lazy_nodes(outs))
+            execute_pending(run, [lt.node for lt in lazy_tensors(outs)])
         result = [materialize(o) for o in outs]
     except BaseException:
         run.failed = True

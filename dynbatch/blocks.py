@@ -18,7 +18,6 @@ from torch import nn
 from . import rules, specialize, trace
 from .errors import BlockError, TraceError, where, raw_site
 from .lazy import LazyTensor
-from .graph import Node
 from .signature import BLOCK, CONST, Signature, autograd_mode, layout_of, signature_key
 
 BUILTIN_BLOCKS = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
@@ -113,13 +112,7 @@ def record_block(fn, args, kwargs):
     if info is None:
         info = _new_block_signature(run, fn, args, kwargs)
         run.local_signatures[key] = info
-    nodes = run.graph.nodes
-    node = Node(len(nodes), fn, args, kwargs, info, inputs, depth + 1, run.example,
-                raw_site(2), run)
-    nodes.append(node)
-    if info.structure is None:
-        return LazyTensor(node, 0, info.outputs[0])
-    return info.structure([LazyTensor(node, i, t) for i, t in enumerate(info.outputs)])
+    return trace.append_node(run, fn, args, kwargs, info, inputs, depth)
 
 
 def _name(fn) -> str:
@@ -198,7 +191,7 @@ def _trace_body(run, fn, args, kwargs, paths, name) -> "Program":
     except BlockError as err:
         warnings.warn(f"dynbatch: block {name} cannot be traced once for a whole batch ({err});"
                       f" it will run one example at a time", stacklevel=3)
-        return _PerExampleProgram(fn, args, kwargs, paths, run)
+        return _PerExampleProgram(fn, args, kwargs)
     except Exception as err:
         if isinstance(err, TraceError):
             raise
@@ -363,13 +356,8 @@ def _expand_rows(value, n):
 class _PerExampleProgram:
     """Fallback for a block whose body cannot be traced once: run it per example."""
 
-    def __init__(self, fn, args, kwargs, paths, run):
+    def __init__(self, fn, args, kwargs):
         self.fn = fn
-        self.structure = None
-        self.outputs = None
-        with trace.switched_to(None):
-            pass
-        # Infer outputs by running the body on zeros once.
         out = trace.infer(lambda *a, **k: _call_body(fn, a, k), args, kwargs)
         self.outputs, self.structure = _output_spec(out)
 

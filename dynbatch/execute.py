@@ -18,6 +18,7 @@ import torch
 
 from . import rules, specialize
 from .errors import ExecuteError, where
+from .lazy import LazyTensor
 from .schedule import schedule
 from .signature import CONST, autograd_mode
 from .trace import BULK_STACK
@@ -117,19 +118,18 @@ def _needed(nodes, targets, floor: int) -> list:
     return found
 
 
-def lazy_nodes(structure, found=None) -> list:
-    """The nodes of every lazy tensor in a (nested) result."""
+def lazy_tensors(structure, found=None) -> list:
+    """Every lazy tensor in a (nested) result: lists, tuples (named too), dicts."""
     if found is None:
         found = []
-    t = type(structure)
-    if t.__name__ == "LazyTensor":
-        found.append(structure.node)
-    elif t is list or t is tuple or (isinstance(structure, tuple)):
+    if type(structure) is LazyTensor:
+        found.append(structure)
+    elif isinstance(structure, (list, tuple)):
         for x in structure:
-            lazy_nodes(x, found)
-    elif t is dict:
+            lazy_tensors(x, found)
+    elif type(structure) is dict:
         for x in structure.values():
-            lazy_nodes(x, found)
+            lazy_tensors(x, found)
     return found
 
 
@@ -294,7 +294,7 @@ def _apply(plan, index) -> Tensor:
 def _per_example(node):
     """Run one node alone on its inputs' values: the eager semantics of the batch."""
     def conv(a):
-        if type(a).__name__ == "LazyTensor":
+        if type(a) is LazyTensor:
             return value_of(a)
         if type(a) in (list, tuple):
             return type(a)(conv(x) for x in a)
@@ -342,7 +342,7 @@ def materialize(structure, cache=None):
     if cache is None:
         cache = {}
     t = type(structure)
-    if t.__name__ == "LazyTensor":
+    if t is LazyTensor:
         node = structure.node
         src = node.batch[structure.index]
         rows = cache.get(id(src))

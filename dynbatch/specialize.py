@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .lazy import LazyTensor
 from .rules import (_get_arg, _only_first_batched, _shift, cat_rule, elementwise_rule,
                     first_arg_rule, getitem_rule, matmul_rule, native_module_rule,
                     permute_rule, reduction_rule, split_rule, squeeze_rule, transpose_rule,
                     unbind_rule)
 
 def _rank(a, batched: bool) -> int:
-    if type(a).__name__ == "LazyTensor":
+    if type(a) is LazyTensor:
         return len(a.tkey[0])
     return a.dim() - 1 if batched else a.dim()
 
@@ -35,7 +36,7 @@ def _spec_elementwise(fn, args, kwargs, per_example):
             batched.append(_rank(a, True))
         elif type(pe) is tuple:
             return None
-        elif isinstance(a, Tensor) or type(a).__name__ == "LazyTensor":
+        elif isinstance(a, Tensor) or type(a) is LazyTensor:
             other = max(other, _rank(a, False))
     for v in kwargs.values():
         if isinstance(v, Tensor):
@@ -122,7 +123,7 @@ def _spec_getitem(fn, args, kwargs, per_example):
         return None
     index = args[1]
     items = index if type(index) is tuple else (index,)
-    if any(isinstance(i, (Tensor, list, bool)) or type(i).__name__ == "LazyTensor"
+    if any(isinstance(i, (Tensor, list, bool)) or type(i) is LazyTensor
            for i in items):
         return None
     return fn, (((1,), (slice(None),) + items),)
@@ -145,7 +146,7 @@ def _spec_squeeze(fn, args, kwargs, per_example):
         return None
     if len(args) > 1:
         return fn, (((1,), _shift(args[1])),)
-    shape = args[0].tkey[0] if type(args[0]).__name__ == "LazyTensor" else args[0].shape[1:]
+    shape = args[0].tkey[0] if type(args[0]) is LazyTensor else args[0].shape[1:]
     dims = tuple(i + 1 for i, s in enumerate(shape) if s == 1)
     return (Tensor.squeeze, ((None, dims),)) if dims else None
 

@@ -213,12 +213,17 @@ def record(fn, args, kwargs):
     kind = info.kind
     if kind is not OP and kind is not BLOCK:
         return _special(run, fn, args, kwargs)
+    return append_node(run, fn, args, kwargs, info, inputs, depth)
+
+
+def append_node(run, fn, args, kwargs, info, inputs, depth):
+    """Add one node to the run's graph (ops and blocks alike); returns its lazy output(s)."""
     nodes = run.graph.nodes
-    # the user's line: inline for the common case (the caller's caller is theirs)
-    frame = _getframe(2)
+    # the user's line: inline for the common case (the recorder's caller's caller is theirs)
+    frame = _getframe(3)
     code = frame.f_code
     internal = _internal_files.get(code.co_filename)
-    site = (code, frame.f_lineno) if internal is False else raw_site(2)
+    site = (code, frame.f_lineno) if internal is False else raw_site(3)
     node = Node(len(nodes), fn, args, kwargs, info, inputs, depth + 1, run.example, site,
                 run)
     nodes.append(node)
