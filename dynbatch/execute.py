@@ -99,7 +99,7 @@ def _needed(nodes, targets, floor: int) -> list:
     """The unexecuted ancestors of ``targets`` (nodes), themselves included, by id. One
     backward sweep down to ``floor`` (every node below it has run): a node's inputs always
     have smaller ids."""
-    live = [t.id for t in targets if t.batch is None]
+    live = [t.id for t in targets if t.batch is None and t.id >= 0]
     if not live:
         return []
     top = max(live)
@@ -113,6 +113,7 @@ def _needed(nodes, targets, floor: int) -> list:
             if node.batch is None:
                 found.append(node)
                 for j in node.inputs:
+                    # an immediate's -1 marks mark[top], already visited: harmless
                     mark[j] = 1
     found.reverse()
     return found
@@ -219,6 +220,7 @@ def gather(column, memo=None) -> Tensor:
     for lt in column:
         if lt.index != index:
             # e.g. sigmoid(i) and sigmoid(o) of one chunk(): rows of different outputs
+            fill_immediates([lt.node for lt in column])
             return _apply(_plan_sources([(lt.node.batch, lt.index, lt.node.row)
                                          for lt in column]), None)
         nodes.append(lt.node)
@@ -233,12 +235,42 @@ def gather(column, memo=None) -> Tensor:
 
 def _plan(nodes):
     batch = nodes[0].batch
+    if batch is None:               # an immediate, first gathered now
+        fill_immediates(nodes)
+        batch = nodes[0].batch
     rows = []
     for node in nodes:
         if node.batch is not batch:
+            fill_immediates(nodes)
             return _plan_sources([(n.batch, None, n.row) for n in nodes])
         rows.append(node.row)
     return _plan_rows(batch, None, rows)
+
+
+_FILLING = ()
+
+
+def fill_immediates(nodes) -> None:
+    """Give the unfilled immediates among ``nodes`` (NOTE [immediates]) their values: one
+    tensor for all of them, row k the k-th. Every unexecuted node met while a batch
+    gathers its inputs is an immediate: real inputs ran in earlier batches."""
+    fresh = []
+    for node in nodes:
+        if node.batch is None:
+            node.batch = _FILLING     # a node met twice in one column gets one row
+            node.row = len(fresh)
+            fresh.append(node)
+    if not fresh:
+        return
+    _, dtype, device = fresh[0].info.outputs[0]
+    values = [n.args[0] for n in fresh]
+    if torch.is_inference_mode_enabled() and not fresh[0].owner.inference:
+        with torch.inference_mode(False):   # grad-mode batches may read it later
+            out = (_torch_tensor(values, dtype=dtype, device=device),)
+    else:
+        out = (_torch_tensor(values, dtype=dtype, device=device),)
+    for node in fresh:
+        node.batch = out
 
 
 def _plan_rows(batch, index, rows):
@@ -344,6 +376,8 @@ def materialize(structure, cache=None):
     t = type(structure)
     if t is LazyTensor:
         node = structure.node
+        if node.batch is None:      # an immediate returned as it is
+            fill_immediates([node])
         src = node.batch[structure.index]
         rows = cache.get(id(src))
         if rows is None:

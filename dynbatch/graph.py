@@ -48,6 +48,43 @@ class Node:
         return f"%{self.id} = {name}({ins})  # examples[{self.example}] depth {self.depth}"
 
 
+class Immediate:
+    """A Python scalar made a tensor by ``torch.tensor(word_id)`` in per-example code.
+
+    NOTE [immediates]: the commonest per-example data is not a node of the graph. It has
+    no inputs and nothing to schedule, so it takes no part in scheduling; the nodes that
+    read it list the id -1 among their inputs (ignored as "already computed"). Its value
+    is made when a batch first gathers it: one ``torch.tensor`` for every immediate of
+    that gather (execute.fill_immediates). Inside a block's body trace, constants stay
+    ordinary nodes (the body compiler names values by node id)."""
+
+    __slots__ = ("args", "info", "example", "owner", "batch", "row")
+    id = -1
+    depth = 0
+    inputs = ()
+    kwargs = None
+    site = None
+
+    def __init__(self, value, info, example, owner):
+        self.args = (value,)
+        self.info = info
+        self.example = example
+        self.owner = owner
+        self.batch = None
+        self.row = -1
+
+    @property
+    def fn(self):
+        return self.info.fn
+
+    @property
+    def executed(self) -> bool:
+        return self.batch is not None
+
+    def __repr__(self) -> str:
+        return f"%imm = tensor({self.args[0]!r})  # examples[{self.example}]"
+
+
 class Graph:
     """The nodes of one run. Every node before ``first_pending`` has run; after it, nodes
     run when a result or a read needs them (NOTE [dead code] in execute.py)."""
@@ -67,6 +104,9 @@ class Graph:
             assert node.id == pos, f"{node!r}: id {node.id} at position {pos}"
             depth = 0
             for i in node.inputs:
+                if i < 0:       # an immediate (NOTE [immediates]): depth 0, no node
+                    depth = max(depth, 1)
+                    continue
                 assert i < node.id, f"{node!r} uses %{i}, recorded after it"
                 inp = self.nodes[i]
                 assert inp.owner is node.owner, f"{node!r} uses %{i} of another run"

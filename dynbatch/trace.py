@@ -22,7 +22,7 @@ from .errors import (BlockError, MixedRunError, TraceError, UnsupportedError, ra
                      where)
 from .errors import _is_internal_file as _internal_files
 from sys import _getframe
-from .graph import Graph, Node
+from .graph import Graph, Immediate, Node
 from .lazy import LazyTensor
 from .signature import (BLOCK, CONST, EAGER, OP, Signature, is_cacheable, layout_of,
                         signature_key)
@@ -252,8 +252,9 @@ _SCALAR_SHAPE = torch.Size([])
 
 def _scalar_constant(run, value, kwargs):
     """``torch.tensor(word_id)``: the commonest per-example constant. Keep the Python value
-    and make one tensor for the whole batch at execution, instead of one tensor per node
-    now and a stack later."""
+    and make one tensor for a whole gather at execution, instead of one tensor per node
+    now and a stack later; outside a block's body it is not even a node (NOTE
+    [immediates])."""
     dtype = kwargs.get("dtype")
     device = kwargs.get("device")
     if len(kwargs) > (dtype is not None) + (device is not None):
@@ -266,6 +267,8 @@ def _scalar_constant(run, value, kwargs):
     if info is None:
         info = _SCALAR_SIGNATURES[tkey] = Signature(CONST, fn=_torch_tensor, outputs=(tkey,),
                                                     name="torch.tensor(scalar)")
+    if not run.block_trace:
+        return LazyTensor(Immediate(value, info, run.example, run), 0, tkey)
     nodes = run.graph.nodes
     node = Node(len(nodes), _torch_tensor, (value,), None, info, (), 0, run.example,
                 raw_site(2), run)
@@ -475,7 +478,10 @@ def force(lt: LazyTensor) -> Tensor:
     """The real value of a lazy tensor, executing its run's pending work first."""
     node = lt.node
     if node.batch is None:
-        force_all([lt])
+        if node.id < 0:
+            _fill_immediates([node])
+        else:
+            force_all([lt])
     if lt._value is None:
         with _DisableTorchFunction():   # dynbatch's own indexing must not be recorded
             lt._value = node.batch[lt.index][node.row]
@@ -486,6 +492,9 @@ def force_all(lazies) -> None:
     """Execute what the given lazy tensors (of one run) need: in @batched code, after every
     other example has reached a read too (NOTE [reads])."""
     pending = [lt.node for lt in lazies if lt.node.batch is None]
+    if any(n.id < 0 for n in pending):     # immediates need no other example: fill now
+        _fill_immediates([n for n in pending if n.id < 0])
+        pending = [n for n in pending if n.id >= 0]
     if not pending:
         return
     run = pending[0].owner
@@ -525,6 +534,12 @@ def _suspendable(run) -> bool:
 def _execute_pending(run, targets) -> None:
     from .execute import execute_pending   # execute imports this module
     execute_pending(run, targets)
+
+
+def _fill_immediates(column) -> None:
+    from .execute import fill_immediates
+    with _DisableTorchFunction():
+        fill_immediates(column)
 
 
 def unsupported(message: str):

@@ -251,9 +251,9 @@ def test_concrete_values_inside_the_scope_then_still_batched():
     close(v_force, eager_h[7])
     close([y.value for y in ys], [torch.sigmoid(h).sum() for h in eager_h])
     s = db.stats()
-    # 8 examples x (const, linear, tanh, const, mul, add, sigmoid, sum) + the few reads;
-    # per-example execution would launch ~70 batches
-    assert s.nodes >= 64
+    # 8 examples x (const, linear, tanh, mul, add, sigmoid, sum) + the few reads (the
+    # torch.tensor(i) are immediates, not nodes); per-example execution: ~70 batches
+    assert s.nodes >= 56
     assert s.batches <= 16, s
 
 
@@ -377,8 +377,9 @@ def test_tensors_made_inside_traced_code_batch():
     sentences = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [0, 1, 2], [3, 3, 3]]
     assert_matches_eager(fn, sentences, table, w, atol=ATOL, rtol=RTOL)
     s = db.stats()
-    # per step: const id, getitem, matmul, add (+ the zeros): 5 x (1 + 3 x 4) nodes
-    assert s.nodes == 5 * 13
+    # per step: getitem, matmul, add (+ the zeros; the ids are immediates, not nodes):
+    # 5 x (1 + 3 x 3) nodes
+    assert s.nodes == 5 * 10
     assert s.batches <= 13, s
 
 

@@ -133,8 +133,8 @@ def ops_per_internal_node(model) -> int:
     """Recorded nodes for ONE internal tree node, measured: a two-leaf tree minus its two
     leaves alone. By hand, without blocks: the cell (cat, linear, chunk, 3 x (sigmoid, mul)
     for i/fl/fr, tanh(u), 2 adds, sigmoid(o), tanh(c), mul = 15), the node's loss (linear,
-    tensor(label), cross_entropy = 3) and 2 adds of the subtree losses: 20. With the cell a
-    block, its 15 become 1: 6."""
+    cross_entropy = 2; tensor(label) is an immediate, not a node) and 2 adds of the subtree
+    losses: 19. With the cell a block, its 15 become 1: 5."""
     a, b = Tree(0, 1), Tree(1, 2)
     both = nodes_of(binary_tree_loss, [Tree(2, None, (a, b))], model)
     alone = nodes_of(binary_tree_loss, [a], model) + nodes_of(binary_tree_loss, [b], model)
@@ -150,7 +150,7 @@ def test_binary_tree_lstm(strategy, blocks, strict):
     trees = [random_binary_tree(rng, rng.randint(1, 14)) for _ in range(64)]
     max_height = max(height(t) for t in trees)
     ops = ops_per_internal_node(model)
-    assert ops == (6 if blocks else 20)
+    assert ops == (5 if blocks else 19)
 
     fn = linted(binary_tree_loss, len(trees))
     assert_matches_eager(fn, trees, model, atol=ATOL, rtol=RTOL, strategy=strategy,
@@ -159,7 +159,7 @@ def test_binary_tree_lstm(strategy, blocks, strict):
     s = db.stats()
     assert s.fallbacks == 0 and s.examples == 64
     assert s.nodes / s.batches >= 20, s
-    assert s.nodes >= sum(count(t) for t in trees) * (6 if blocks else 14)
+    assert s.nodes >= sum(count(t) for t in trees) * (4 if blocks else 14)
 
 
 # -- Child-Sum Tree-LSTM -------------------------------------------------------------------
@@ -221,11 +221,11 @@ def test_child_sum_tree_lstm(strategy, blocks, strict):
     # stack/sum signatures differ per number of children: measured 241 (agenda) and 362
     # (depth) batches for 8780 nodes. Per-node execution would be 8780.
     if blocks:
-        # per tree node: tensor(word), embedding, the cell, linear, tensor(label),
-        # cross_entropy, one add per child; the cell's signature depends on the number of
-        # children (0-4), so each level needs a few batches; plus the root's linear and
-        # log_softmax returned by childsum_loss
-        assert s.nodes == sum(6 * count(t) + count(t) - 1 + 2 for t in trees)
+        # per tree node: embedding, the cell, linear, cross_entropy, one add per child
+        # (tensor(word) and tensor(label) are immediates, not nodes); the cell's signature
+        # depends on the number of children (0-4), so each level needs a few batches; plus
+        # the root's linear and log_softmax returned by childsum_loss
+        assert s.nodes == sum(4 * count(t) + count(t) - 1 + 2 for t in trees)
         assert s.nodes / s.batches >= 5, s
     else:
         assert s.nodes / s.batches >= 15, s
@@ -289,9 +289,9 @@ def test_recurrent_cells_over_lengths_1_to_30(kind, blocks, strategy, strict):
     sentences = [[rng.randrange(VOCAB) for _ in range(n)] for n in range(1, 31)]
     rng.shuffle(sentences)
     per_step = nodes_of(seq_loss, [[1, 2]], model) - nodes_of(seq_loss, [[1]], model)
-    # per step: tensor(w), embedding, the cell (1 node as a block, 13 by hand), linear,
-    # tensor(next), cross_entropy, add
-    assert per_step == (19 if kind == "hand" and not blocks else 7)
+    # per step: embedding, the cell (1 node as a block, 13 by hand), linear,
+    # cross_entropy, add (tensor(w) and tensor(next) are immediates, not nodes)
+    assert per_step == (17 if kind == "hand" and not blocks else 5)
     fn = linted(seq_loss, len(sentences))
     # one batch per op per time step at most (the agenda merges steps of different sentences
     # only where they line up), plus the three initial zeros

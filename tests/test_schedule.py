@@ -77,11 +77,26 @@ def test_literal_mixed_depth():
 
 
 def test_literal_mixed_agenda():
-    # Sources: x:[0, 2] and y:[1], both average depth 0 -> the larger group, x, first.
-    # Then ready: f:[3, 5] (avg 1) and y:[1] (avg 0) -> y; then f:[3, 5] (avg 1) and
-    # g:[4] (avg 1) -> the larger, f; that releases 6, joining 4 in one g group (avg 1.5).
+    # Heights (longest path still ahead): x0, x2: 2; y1, f3, f5: 1; g4, g6: 0.
+    # Sources: x:[0, 2] (top height 2) beats y:[1] (1). Then f:[3, 5] and y:[1] tie on
+    # height 1 -> the larger group, f; that makes 6 ready; y (1) beats g:[6] (0); y
+    # releases 4, joining 6 in one g group.
     got = agenda_schedule(MIXED_SIGS, MIXED_INPUTS, MIXED_DEPTHS)
-    assert as_lists(got) == [("x", [0, 2]), ("y", [1]), ("f", [3, 5]), ("g", [4, 6])]
+    assert as_lists(got) == [("x", [0, 2]), ("f", [3, 5]), ("y", [1]), ("g", [6, 4])]
+
+
+# A chain of cells, each with a loss on the side, summed at the end: the lowest-depth rule
+# would run the losses once per cell (they are always the shallowest ready nodes); the
+# critical path runs every cell first and all the losses in one batch.
+LOSS_SIGS = ["cell", "loss", "cell", "loss", "cell", "loss", "sum"]
+LOSS_INPUTS = [[], [0], [0], [2], [2], [4], [1, 3, 5]]
+LOSS_DEPTHS = [0, 1, 1, 2, 2, 3, 4]
+
+
+def test_agenda_runs_side_losses_once_after_the_chain():
+    got = agenda_schedule(LOSS_SIGS, LOSS_INPUTS, LOSS_DEPTHS)
+    assert as_lists(got) == [("cell", [0]), ("cell", [2]), ("cell", [4]),
+                             ("loss", [1, 3, 5]), ("sum", [6])]
 
 
 # Same-signature chains of different lengths across examples: examples 0 and 1 are
@@ -112,15 +127,20 @@ def test_agenda_beats_depth_whatever_the_example_order():
     assert len(depth_schedule(sigs, inputs, depths)) == 4
 
 
-def test_agenda_prefers_lowest_average_depth():
-    # Three ready sources: "a" at depths 5 and 1 (average 3) and "b" at depth 0.
-    got = agenda_schedule(["a", "b", "a"], [[], [], []], [5, 0, 1])
-    assert as_lists(got) == [("b", [1]), ("a", [0, 2])]
+def test_agenda_prefers_the_longest_path_ahead():
+    # Ready sources a0, b1, a2; a0 feeds a chain of two more nodes, b1 feeds one.
+    sigs = ["a", "b", "a", "c", "c", "d"]
+    inputs = [[], [], [], [0], [1], [3]]
+    # Heights: a0 2, b1 1, a2 0 -> "a" first (both a's); then b1 and c3 tie (height 1,
+    # one node each) -> the first seen, b; that releases c4 to join c3.
+    got = agenda_schedule(sigs, inputs, depths_of(inputs))
+    assert as_lists(got) == [("a", [0, 2]), ("b", [1]), ("c", [3, 4]), ("d", [5])]
 
 
-def test_agenda_lower_average_beats_larger_group():
-    got = agenda_schedule(["a", "a", "a", "b"], [[], [], [], []], [2, 2, 2, 1])
-    assert as_lists(got) == [("b", [3]), ("a", [0, 1, 2])]
+def test_agenda_longer_path_beats_larger_group():
+    # Three ready "a" with nothing after them; one "b" with a user.
+    got = agenda_schedule(["a", "a", "a", "b", "c"], [[], [], [], [], [3]], [0, 0, 0, 0, 1])
+    assert as_lists(got) == [("b", [3]), ("a", [0, 1, 2]), ("c", [4])]
 
 
 def test_agenda_ties_go_to_the_larger_group():
@@ -265,7 +285,13 @@ def test_agenda_schedule_properties(graph):
     batches = agenda_schedule(sigs, inputs, depths, offset)
     check_valid(batches, sigs, inputs, offset)
     # Replay: each batch is ALL the ready nodes of its signature, and that group has the
-    # lowest (average depth, -size) among the ready groups.
+    # largest (height of its highest node, size) among the ready groups.
+    n = len(sigs)
+    height = [0] * n
+    for i in reversed(range(n)):
+        for j in inputs[i]:
+            if j - offset >= 0:
+                height[j - offset] = max(height[j - offset], height[i] + 1)
     done: set[int] = set()
     for b in batches:
         ready: dict = {}
@@ -273,8 +299,8 @@ def test_agenda_schedule_properties(graph):
             if i not in done and all(j - offset < 0 or j - offset in done for j in inputs[i]):
                 ready.setdefault(sigs[i], []).append(i)
         assert sorted(b.nodes) == sorted(ready[b.signature])
-        key = {s: (sum(depths[i] for i in m) / len(m), -len(m)) for s, m in ready.items()}
-        assert key[b.signature] == min(key.values())
+        key = {s: (max(height[i] for i in m), len(m)) for s, m in ready.items()}
+        assert key[b.signature] == max(key.values())
         done.update(b.nodes)
     # Never more batches than nodes, and never fewer than the number of signatures.
     assert len(batches) <= len(sigs)
