@@ -67,7 +67,7 @@ class BlockFunction:
         self.fn = fn
 
     def __call__(self, *args, **kwargs):
-        if trace._current is not None and _has_lazy(args, kwargs):
+        if trace._current is not None:
             return record_block(self, args, kwargs)
         return self.fn(*args, **kwargs)
 
@@ -108,9 +108,11 @@ def record_block(fn, args, kwargs):
     closes over the module's current parameters, which may be replaced between runs."""
     run = trace._current
     key, inputs, depth = signature_key(fn, args, kwargs, run)
+    if not inputs:      # no per-example tensor among the arguments: a plain call
+        return _call_body(fn, args, kwargs)
     info = run.local_signatures.get(key)
     if info is None:
-        info = _new_block_signature(run, fn, args, kwargs)
+        info = _new_block_signature(run, fn, args, kwargs, len(inputs))
         run.local_signatures[key] = info
     return trace.append_node(run, fn, args, kwargs, info, inputs, depth)
 
@@ -121,11 +123,15 @@ def _name(fn) -> str:
     return getattr(fn, "__qualname__", repr(fn))
 
 
-def _new_block_signature(run, fn, args, kwargs) -> Signature:
+def _new_block_signature(run, fn, args, kwargs, n_inputs) -> Signature:
     paths, flags = layout_of(args, kwargs)
     name = _name(fn)
     if any(p[0] == "kw" for p in paths):
         raise TraceError(f"block {name}: pass per-example tensors positionally "
+                         f"({where(run.example, raw_site(3))})")
+    if len(paths) != n_inputs:
+        raise TraceError(f"block {name}: per-example tensors must be arguments or items of "
+                         f"a list/tuple argument, not nested deeper "
                          f"({where(run.example, raw_site(3))})")
     if isinstance(fn, nn.Module) and type(fn) in BUILTIN_BLOCKS:
         with torch._C.DisableTorchFunction():

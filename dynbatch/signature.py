@@ -144,9 +144,27 @@ def signature_key(fn, args, kwargs, owner):
             key.append(t)
             key.append(a)
         elif t is list or t is tuple:
-            box = [depth]
-            key.append(_seq_key(a, inputs, owner, box))
-            depth = box[0]
+            # flat: (type, length, items...) in the key itself, no nested tuple per call;
+            # (h, c) pairs of a cell are the commonest argument of a block
+            key.append(t)
+            key.append(len(a))
+            for x in a:
+                tx = type(x)
+                if tx is LazyTensor:
+                    node = x.node
+                    if node.owner is not owner:
+                        raise_mixed(owner)
+                    inputs.append(node.id)
+                    if node.depth > depth:
+                        depth = node.depth
+                    key.append(x.tkey)
+                elif tx in _SCALARS:
+                    key.append(tx)
+                    key.append(x)
+                else:
+                    box = [depth]
+                    key.append(_seq_key((x,), inputs, owner, box))
+                    depth = box[0]
         elif isinstance(a, Tensor):
             key.append((SHARED, id(a)))
         elif t is slice:

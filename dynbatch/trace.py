@@ -70,7 +70,7 @@ class Run:
 
     __slots__ = ("graph", "strategy", "example", "local_signatures", "closed", "failed",
                  "stats", "block_trace", "main", "rounds", "default_device", "wanted", "scope",
-                 "inference",
+                 "inference", "int_scalar",
                  "__weakref__")
 
     def __init__(self, strategy: str, block_trace: bool = False):
@@ -88,6 +88,7 @@ class Run:
         self.wanted: list = []    # nodes the suspended examples are waiting to read
         self.scope = False        # an autobatch scope (else a @batched call)
         self.inference = torch.is_inference_mode_enabled()   # the caller's
+        self.int_scalar = _scalar_signature(_PY_SCALAR_DTYPE[int], self.default_device)
 
 
 def current_run():
@@ -146,6 +147,9 @@ _mode_enabled = torch._C._is_torch_function_mode_enabled
 
 
 def _hot_wrapper(fn):
+    if fn is _torch_tensor:
+        return _tensor_wrapper(fn)
+
     def hot(*args, **kwargs):
         if _current is not None and _mode_enabled():
             return dispatch(fn, args, kwargs)
@@ -154,6 +158,24 @@ def _hot_wrapper(fn):
     hot.__name__ = getattr(fn, "__name__", "hot")
     hot.__doc__ = getattr(fn, "__doc__", None)
     return hot
+
+
+def _tensor_wrapper(fn):
+    """``torch.tensor(word_id)``, the commonest call of tree code, straight to an immediate
+    (the same as dispatch -> _scalar_constant would make, without the detours)."""
+    def tensor(*args, **kwargs):
+        run = _current
+        if run is not None and _mode_enabled():
+            if not kwargs and len(args) == 1 and type(args[0]) is int and \
+                    not run.block_trace:
+                info, tkey = run.int_scalar
+                return LazyTensor(Immediate(args[0], info, run.example, run), 0, tkey)
+            return dispatch(fn, args, kwargs)
+        return fn(*args, **kwargs)
+    tensor.__wrapped__ = fn
+    tensor.__name__ = "tensor"
+    tensor.__doc__ = fn.__doc__
+    return tensor
 
 
 _HOT_WRAPPERS = None
@@ -222,14 +244,20 @@ def append_node(run, fn, args, kwargs, info, inputs, depth):
     # the user's line: inline for the common case (the recorder's caller's caller is theirs)
     frame = _getframe(3)
     code = frame.f_code
-    internal = _internal_files.get(code.co_filename)
-    site = (code, frame.f_lineno) if internal is False else raw_site(3)
+    if _internal_files.get(code.co_filename) is False:
+        site = (code, frame.f_lineno)
+    else:
+        site = raw_site(3)
     node = Node(len(nodes), fn, args, kwargs, info, inputs, depth + 1, run.example, site,
                 run)
     nodes.append(node)
-    if info.structure is None:
-        return LazyTensor(node, 0, info.outputs[0])
-    return info.structure([LazyTensor(node, i, t) for i, t in enumerate(info.outputs)])
+    structure = info.structure
+    outputs = info.outputs
+    if structure is None:
+        return LazyTensor(node, 0, outputs[0])
+    if structure is tuple and len(outputs) == 2:      # a cell's (h, c): no comprehension
+        return (LazyTensor(node, 0, outputs[0]), LazyTensor(node, 1, outputs[1]))
+    return structure([LazyTensor(node, i, t) for i, t in enumerate(outputs)])
 
 
 def constant(run: Run, value: Tensor, site=None) -> LazyTensor:
@@ -262,11 +290,7 @@ def _scalar_constant(run, value, kwargs):
     if dtype is None:
         dtype = _PY_SCALAR_DTYPE[type(value)] or torch.get_default_dtype()
     device = torch.device(device) if device is not None else run.default_device
-    tkey = (_SCALAR_SHAPE, dtype, device)
-    info = _SCALAR_SIGNATURES.get(tkey)
-    if info is None:
-        info = _SCALAR_SIGNATURES[tkey] = Signature(CONST, fn=_torch_tensor, outputs=(tkey,),
-                                                    name="torch.tensor(scalar)")
+    info, tkey = _scalar_signature(dtype, device)
     if not run.block_trace:
         return LazyTensor(Immediate(value, info, run.example, run), 0, tkey)
     nodes = run.graph.nodes
@@ -277,6 +301,16 @@ def _scalar_constant(run, value, kwargs):
 
 
 _SCALAR_SIGNATURES: dict = {}
+
+
+def _scalar_signature(dtype, device) -> tuple:
+    """(Signature, tkey) of a 0-d constant made from a Python scalar."""
+    tkey = (_SCALAR_SHAPE, dtype, device)
+    found = _SCALAR_SIGNATURES.get(tkey)
+    if found is None:
+        info = Signature(CONST, fn=_torch_tensor, outputs=(tkey,), name="torch.tensor(scalar)")
+        found = _SCALAR_SIGNATURES[tkey] = (info, tkey)
+    return found
 
 
 def _default_device() -> torch.device:
