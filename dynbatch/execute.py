@@ -40,22 +40,33 @@ def execute_pending(run, targets=None) -> None:
     graph = run.graph
     nodes = graph.nodes
     start = graph.first_pending
-    if targets is None:
-        pending = [n for n in nodes[start:] if n.batch is None]
-    else:
-        pending = _needed(nodes, targets, start)
-    if not pending:
-        return
     t0 = time.perf_counter()
-    signatures = [n.info for n in pending]
-    depths = [n.depth for n in pending]
-    if len(pending) == len(nodes) - start:
-        batches = schedule(run.strategy, signatures, [n.inputs for n in pending], depths,
-                           start)
+    if not graph.ragged:
+        # every node from first_pending on is pending: schedule them in place, numbered
+        # from `start`, and let the scheduler drop what no target needs
+        pending = nodes[start:]
+        wanted = None
+        if targets is not None:
+            wanted = [t.id - start for t in targets if t.batch is None and t.id >= start]
+            if not wanted:
+                return
+        if not pending:
+            return
+        batches = schedule(run.strategy, [n.info for n in pending],
+                           [n.inputs for n in pending], [n.depth for n in pending], start,
+                           wanted)
     else:
+        # after a partial execution (a read), pending and executed nodes interleave
+        if targets is None:
+            pending = [n for n in nodes[start:] if n.batch is None]
+        else:
+            pending = _needed(nodes, targets, start)
+        if not pending:
+            return
         local = {n.id: k for k, n in enumerate(pending)}
         inputs = [[local[j] for j in n.inputs if j in local] for n in pending]
-        batches = schedule(run.strategy, signatures, inputs, depths)
+        batches = schedule(run.strategy, [n.info for n in pending], inputs,
+                           [n.depth for n in pending])
     t1 = time.perf_counter()
     stats = run.stats
     stats.schedule_s += t1 - t0
@@ -78,9 +89,14 @@ def execute_pending(run, targets=None) -> None:
             if DEBUG:
                 print(f"dynbatch: batch {stats.batches:4d} {info!r} x{len(members)}")
             stats.batches += 1
-    while start < len(nodes) and nodes[start].batch is not None:
-        start += 1
-    graph.first_pending = start
+    executed = sum(len(b.nodes) for b in batches)
+    if not graph.ragged and executed == len(pending):
+        graph.first_pending = len(nodes)
+    else:
+        while start < len(nodes) and nodes[start].batch is not None:
+            start += 1
+        graph.first_pending = start
+        graph.ragged = any(n.batch is not None for n in nodes[start:])
     stats.execute_s += time.perf_counter() - t1
 
 

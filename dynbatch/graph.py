@@ -87,13 +87,15 @@ class Immediate:
 
 class Graph:
     """The nodes of one run. Every node before ``first_pending`` has run; after it, nodes
-    run when a result or a read needs them (NOTE [dead code] in execute.py)."""
+    run when a result or a read needs them (NOTE [dead code] in execute.py), so executed
+    and pending nodes may interleave there (``ragged``)."""
 
-    __slots__ = ("nodes", "first_pending")
+    __slots__ = ("nodes", "first_pending", "ragged")
 
     def __init__(self) -> None:
         self.nodes: list[Node] = []
         self.first_pending = 0
+        self.ragged = False     # some node after first_pending has run (after a read)
 
     def pending(self) -> list[Node]:
         return [n for n in self.nodes[self.first_pending:] if n.batch is None]

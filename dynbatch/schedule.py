@@ -3,13 +3,15 @@
 Input, for n nodes numbered 0..n-1 in a topological order: ``signatures[i]`` (any hashable;
 nodes with equal signatures may run as one call), ``inputs[i]`` (the numbers of the nodes i
 reads, plus ``offset``; duplicates allowed; numbers below ``offset`` name nodes that already
-ran and are ignored) and ``depths[i]`` (longest path from a source). Output: a list of
-``Batch``; every node appears in exactly one, each batch holds one signature, and every
-input of a node lies in an earlier batch.
+ran and are ignored) and ``depths[i]`` (longest path from a source). With ``targets`` (node
+numbers, without the offset), only the targets and what they need are scheduled (NOTE [dead
+code] in execute.py); otherwise every node. Output: a list of ``Batch``; every scheduled node
+appears in exactly one, each batch holds one signature, and every input of a node lies in
+an earlier batch.
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 STRATEGIES = ("agenda", "depth")
@@ -21,12 +23,30 @@ class Batch:
     nodes: tuple[int, ...]
 
 
+def _needed(inputs: Sequence[Sequence[int]], offset: int, targets: Iterable[int]) -> bytearray:
+    """live[i] = 1 when node i is a target or an input of a live node: one backward sweep."""
+    live = bytearray(len(inputs))
+    for t in targets:
+        live[t] = 1
+    for i in range(len(inputs) - 1, -1, -1):
+        if live[i]:
+            for j in inputs[i]:
+                j -= offset
+                if j >= 0:
+                    live[j] = 1
+    return live
+
+
 def depth_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
-                   depths: Sequence[int], offset: int = 0) -> list[Batch]:
+                   depths: Sequence[int], offset: int = 0,
+                   targets: Iterable[int] | None = None) -> list[Batch]:
     """TF Fold: one batch per (depth, signature), shallow depths first. Inputs always sit at
     a smaller depth, so this order is valid without looking at ``inputs``."""
+    live = None if targets is None else _needed(inputs, offset, targets)
     groups: dict[tuple[int, Hashable], list[int]] = {}
     for i, key in enumerate(zip(depths, signatures)):
+        if live is not None and not live[i]:
+            continue
         members = groups.get(key)
         if members is None:
             groups[key] = [i]
@@ -38,7 +58,8 @@ def depth_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int
 
 
 def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
-                    depths: Sequence[int], offset: int = 0) -> list[Batch]:
+                    depths: Sequence[int], offset: int = 0,
+                    targets: Iterable[int] | None = None) -> list[Batch]:
     """DyNet's agenda, critical path first: among the signatures with ready nodes, run the
     one whose ready nodes include the node with the longest path still ahead of it (its
     height: nodes in a chain of users below it), all its ready nodes at once, then release
@@ -51,27 +72,43 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
     n = len(signatures)
     waiting = [0] * n
     users: list = [None] * n
-    local_inputs = []
     for i, ins in enumerate(inputs):
-        mine = [j - offset for j in ins if j >= offset] if offset else \
-            [j for j in ins if j >= 0]
-        local_inputs.append(mine)
-        waiting[i] = len(mine)
-        for j in mine:
-            if users[j] is None:
-                users[j] = [i]
-            else:
-                users[j].append(i)
+        count = 0
+        for j in ins:
+            j -= offset
+            if j >= 0:
+                count += 1
+                us = users[j]
+                if us is None:
+                    users[j] = [i]
+                else:
+                    us.append(i)
+        waiting[i] = count
+    # heights (and, with targets, liveness) in one sweep from the last node back
     height = [0] * n
-    for i in range(n - 1, -1, -1):      # inputs come before their users
-        above = height[i] + 1
-        for j in local_inputs[i]:
-            if height[j] < above:
-                height[j] = above
+    live = None
+    if targets is not None:
+        live = bytearray(n)
+        for t in targets:
+            live[t] = 1
+    for i in range(n - 1, -1, -1):
+        us = users[i]
+        if us is not None:
+            h = 0
+            for u in us:
+                if live is None or live[u]:
+                    if height[u] >= h:
+                        h = height[u] + 1
+                    if live is not None:
+                        live[i] = 1
+            height[i] = h
     ready: dict[Hashable, list[int]] = {}
     top: dict[Hashable, int] = {}
+    expected = n
     for i in range(n):
-        if waiting[i] == 0:
+        if live is not None and not live[i]:
+            expected -= 1
+        elif waiting[i] == 0:
             sig = signatures[i]
             if sig in ready:
                 ready[sig].append(i)
@@ -97,7 +134,7 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
                 continue
             for u in us:
                 waiting[u] -= 1
-                if waiting[u] == 0:
+                if waiting[u] == 0 and (live is None or live[u]):
                     sig = signatures[u]
                     if sig in ready:
                         ready[sig].append(u)
@@ -106,15 +143,16 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
                     else:
                         ready[sig] = [u]
                         top[sig] = height[u]
-    if sum(len(b.nodes) for b in batches) != n:
+    if sum(len(b.nodes) for b in batches) != expected:
         raise ValueError("agenda_schedule: the graph has a cycle or an input out of range")
     return batches
 
 
 def schedule(strategy: str, signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
-             depths: Sequence[int], offset: int = 0) -> list[Batch]:
+             depths: Sequence[int], offset: int = 0,
+             targets: Iterable[int] | None = None) -> list[Batch]:
     if strategy == "agenda":
-        return agenda_schedule(signatures, inputs, depths, offset)
+        return agenda_schedule(signatures, inputs, depths, offset, targets)
     if strategy == "depth":
-        return depth_schedule(signatures, inputs, depths, offset)
+        return depth_schedule(signatures, inputs, depths, offset, targets)
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")

@@ -305,3 +305,36 @@ def test_agenda_schedule_properties(graph):
     # Never more batches than nodes, and never fewer than the number of signatures.
     assert len(batches) <= len(sigs)
     assert len(batches) >= len(set(sigs))
+
+
+@settings(max_examples=50, deadline=None)
+@given(dags(), st.data())
+def test_targets_schedule_exactly_their_ancestors(graph, data):
+    sigs, inputs, depths, offset = graph
+    n = len(sigs)
+    targets = data.draw(st.lists(st.integers(0, n - 1), max_size=4)) if n else []
+    needed = set()
+    stack = list(targets)
+    while stack:                 # the reference: a plain graph search
+        i = stack.pop()
+        if i not in needed:
+            needed.add(i)
+            stack.extend(j - offset for j in inputs[i] if j - offset >= 0)
+    for strategy in STRATEGIES:
+        batches = schedule(strategy, sigs, inputs, depths, offset, targets)
+        got = [i for b in batches for i in b.nodes]
+        assert sorted(got) == sorted(needed), strategy
+        position = {i: k for k, b in enumerate(batches) for i in b.nodes}
+        for i in got:
+            for j in inputs[i]:
+                if j - offset >= 0:
+                    assert position[j - offset] < position[i]
+        assert all(sigs[i] == b.signature for b in batches for i in b.nodes)
+
+
+def test_targets_leave_dead_nodes_out():
+    # 0 -> 1 (the target), 0 -> 2 (dead): the dead node is not scheduled.
+    got = agenda_schedule(["x", "y", "y"], [[], [0], [0]], [0, 1, 1], 0, [1])
+    assert as_lists(got) == [("x", [0]), ("y", [1])]
+    got = depth_schedule(["x", "y", "y"], [[], [0], [0]], [0, 1, 1], 0, [1])
+    assert as_lists(got) == [("x", [0]), ("y", [1])]
