@@ -227,7 +227,7 @@ def _close(run, counters) -> None:
     stats = run.stats
     graph = run.graph
     stats.nodes = len(graph.nodes)
-    stats.signatures = len({id(n.info) for n in graph.nodes})
+    stats.signatures = len(run.signatures_run)
     stats.fallbacks = rules.counters["fallbacks"] - counters["fallbacks"]
     stats.vmap_batches = rules.counters["vmap"] - counters["vmap"]
     stats.rounds = run.rounds

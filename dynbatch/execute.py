@@ -71,6 +71,7 @@ def execute_pending(run, targets=None) -> None:
     stats = run.stats
     stats.schedule_s += t1 - t0
     mode = autograd_mode()
+    run.signatures_run.update(b.signature for b in batches)
     with _DisableTorchFunction():
         for batch in batches:
             members = [pending[i] for i in batch.nodes]

@@ -12,7 +12,8 @@ class Stats:
     """The last finished run. ``nodes``: ops recorded; ``batches``: batched calls launched
     (constants included); ``fallbacks``: nodes run one example at a time; ``vmap_batches``:
     batches that went through torch.func.vmap; ``rounds``: times the examples were
-    suspended at reads of values and resumed; times in seconds."""
+    suspended at reads of values and resumed; ``signatures``: distinct signatures among
+    the batches run; times in seconds."""
 
     strategy: str = ""
     examples: int = 0

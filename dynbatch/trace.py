@@ -70,7 +70,7 @@ class Run:
 
     __slots__ = ("graph", "strategy", "example", "local_signatures", "closed", "failed",
                  "stats", "block_trace", "main", "rounds", "default_device", "wanted", "scope",
-                 "inference", "int_scalar",
+                 "inference", "int_scalar", "signatures_run",
                  "__weakref__")
 
     def __init__(self, strategy: str, block_trace: bool = False):
@@ -89,6 +89,7 @@ class Run:
         self.scope = False        # an autobatch scope (else a @batched call)
         self.inference = torch.is_inference_mode_enabled()   # the caller's
         self.int_scalar = _scalar_signature(_PY_SCALAR_DTYPE[int], self.default_device)
+        self.signatures_run: set = set()   # distinct signatures of the batches run
 
 
 def current_run():
