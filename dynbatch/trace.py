@@ -248,7 +248,11 @@ def append_node(run, fn, args, kwargs, info, inputs, depth):
     if _internal_files.get(code.co_filename) is False:
         site = (code, frame.f_lineno)
     else:
-        site = raw_site(3)
+        frame = frame.f_back        # through a hot-function wrapper: one frame more
+        if frame is not None and _internal_files.get(frame.f_code.co_filename) is False:
+            site = (frame.f_code, frame.f_lineno)
+        else:
+            site = raw_site(5)
     node = Node(len(nodes), fn, args, kwargs, info, inputs, depth + 1, run.example, site,
                 run)
     nodes.append(node)
