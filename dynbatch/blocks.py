@@ -60,7 +60,11 @@ def uninstall() -> None:
 
 
 class BlockFunction:
-    """A function marked with ``db.block``; also works on methods (``self`` is shared)."""
+    """A function marked with ``db.block``: the identity its nodes' signatures name.
+
+    ``db.block`` hands the user a plain function that calls ``record_block`` with this
+    object (``_block_function``): a plain function binds to an instance as a method in C,
+    where an object with ``__get__`` costs a Python call and a partial per block call."""
 
     def __init__(self, fn):
         functools.update_wrapper(self, fn)
@@ -71,13 +75,21 @@ class BlockFunction:
             return record_block(self, args, kwargs)
         return self.fn(*args, **kwargs)
 
-    def __get__(self, instance, owner=None):
-        if instance is None:
-            return self
-        return functools.partial(self, instance)
-
     def __repr__(self) -> str:
         return f"<dynbatch block {self.fn.__qualname__}>"
+
+
+def _block_function(fn):
+    marked = BlockFunction(fn)
+
+    @functools.wraps(fn)
+    def block_call(*args, **kwargs):
+        if trace._current is not None:
+            return record_block(marked, args, kwargs)
+        return fn(*args, **kwargs)
+
+    block_call.__dynbatch_block__ = marked
+    return block_call
 
 
 def block(obj):
@@ -95,10 +107,11 @@ def block(obj):
     if isinstance(obj, nn.Module):
         object.__setattr__(obj, "_dynbatch_block", True)
         return obj
-    if isinstance(obj, BlockFunction):
+    if isinstance(obj, BlockFunction) or \
+            isinstance(getattr(obj, "__dynbatch_block__", None), BlockFunction):
         return obj
     if callable(obj):
-        return BlockFunction(obj)
+        return _block_function(obj)
     raise TypeError(f"db.block expects a function, an nn.Module subclass or a module, "
                     f"got {type(obj).__name__}")
 
