@@ -199,9 +199,13 @@ def run_batch(nodes, info) -> None:
 
 
 def _store(nodes, out) -> None:
+    # An executed node's arguments are not needed again (its value is (batch, row)):
+    # dropping them frees the argument tuples, and the lazy tensors only they held, while
+    # the rest of the run executes, where tensors pile up for the backward pass.
     for row, node in enumerate(nodes):
         node.batch = out
         node.row = row
+        node.args = None
 
 
 def _bulk(nodes, direct) -> Tensor:

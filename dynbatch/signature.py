@@ -116,17 +116,19 @@ def signature_key(fn, args, kwargs, owner):
         if type(a) is LazyTensor:
             na = a.node
             if na.owner is owner:
+                # inputs as tuples here: a node keeps them, and a tuple is 24 bytes
+                # smaller than a list
                 if len(args) == 1:
-                    return (fn, mode, a.tkey), [na.id], na.depth
+                    return (fn, mode, a.tkey), (na.id,), na.depth
                 b = args[1]
                 tb = type(b)
                 if tb is LazyTensor:
                     nb = b.node
                     if nb.owner is owner:
                         depth = na.depth if na.depth > nb.depth else nb.depth
-                        return (fn, mode, a.tkey, b.tkey), [na.id, nb.id], depth
+                        return (fn, mode, a.tkey, b.tkey), (na.id, nb.id), depth
                 elif tb is float or tb is int:
-                    return (fn, mode, a.tkey, tb, b), [na.id], na.depth
+                    return (fn, mode, a.tkey, tb, b), (na.id,), na.depth
     key = [fn, mode]
     inputs = []
     depth = -1

@@ -239,22 +239,32 @@ def record(fn, args, kwargs):
     return append_node(run, fn, args, kwargs, info, inputs, depth)
 
 
+_SITES: dict = {}            # (id(code), line) -> (code, line); the value keeps code alive
+_SITES_LIMIT = 100_000
+
+
 def append_node(run, fn, args, kwargs, info, inputs, depth):
     """Add one node to the run's graph (ops and blocks alike); returns its lazy output(s)."""
     nodes = run.graph.nodes
     # the user's line: inline for the common case (the recorder's caller's caller is theirs)
     frame = _getframe(3)
     code = frame.f_code
-    if _internal_files.get(code.co_filename) is False:
-        site = (code, frame.f_lineno)
-    else:
+    if _internal_files.get(code.co_filename) is not False:
         frame = frame.f_back        # through a hot-function wrapper: one frame more
-        if frame is not None and _internal_files.get(frame.f_code.co_filename) is False:
-            site = (frame.f_code, frame.f_lineno)
-        else:
-            site = raw_site(5)
-    node = Node(len(nodes), fn, args, kwargs, info, inputs, depth + 1, run.example, site,
-                run)
+        code = frame.f_code if frame is not None else None
+    if code is not None and _internal_files.get(code.co_filename) is False:
+        # one shared (code, line) tuple per site, not one per node (56 bytes each)
+        where_key = (id(code), frame.f_lineno)
+        site = _SITES.get(where_key)
+        if site is None:
+            if len(_SITES) > _SITES_LIMIT:
+                _SITES.clear()
+            site = _SITES[where_key] = (code, where_key[1])
+    else:
+        site = raw_site(5)
+    # kwargs or None: a call with no keywords still brings a fresh empty dict (64 bytes)
+    node = Node(len(nodes), fn, args, kwargs or None, info, inputs, depth + 1, run.example,
+                site, run)
     nodes.append(node)
     structure = info.structure
     outputs = info.outputs
