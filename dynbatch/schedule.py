@@ -71,6 +71,8 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
     last, after every cell, in one batch."""
     n = len(signatures)
     waiting = [0] * n
+    # users[j]: None, the one user's number, or a list of them. Most nodes have one user;
+    # an int instead of a one-item list saves 70 bytes a node (a 180,000-node run: 12 MB)
     users: list = [None] * n
     for i, ins in enumerate(inputs):
         count = 0
@@ -80,7 +82,9 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
                 count += 1
                 us = users[j]
                 if us is None:
-                    users[j] = [i]
+                    users[j] = i
+                elif type(us) is int:
+                    users[j] = [us, i]
                 else:
                     us.append(i)
         waiting[i] = count
@@ -95,7 +99,7 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
         us = users[i]
         if us is not None:
             h = 0
-            for u in us:
+            for u in ((us,) if type(us) is int else us):
                 if live is None or live[u]:
                     if height[u] >= h:
                         h = height[u] + 1
@@ -132,7 +136,7 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
             us = users[i]
             if us is None:
                 continue
-            for u in us:
+            for u in ((us,) if type(us) is int else us):
                 waiting[u] -= 1
                 if waiting[u] == 0 and (live is None or live[u]):
                     sig = signatures[u]
