@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import rules, specialize, trace
+from . import infer, rules, specialize, trace
 from .errors import BlockError, TraceError, where, raw_site
 from .lazy import LazyTensor
 from .signature import BLOCK, CONST, Signature, autograd_mode, layout_of, signature_key
@@ -156,7 +156,7 @@ def _new_block_signature(run, fn, args, kwargs, n_inputs) -> Signature:
 
 def _builtin_block_signature(run, fn, args, kwargs, paths, flags, name) -> Signature:
     try:
-        out = trace.infer(lambda *a, **k: _original_call(fn, *a, **k), args, kwargs)
+        out = infer.infer(lambda *a, **k: _original_call(fn, *a, **k), args, kwargs)
     except Exception as err:
         raise TraceError(f"{name} failed for {where(run.example, raw_site(3))}\n"
                          f"  {type(err).__name__}: {err}") from err
@@ -377,7 +377,7 @@ class _PerExampleProgram:
 
     def __init__(self, fn, args, kwargs):
         self.fn = fn
-        out = trace.infer(lambda *a, **k: _call_body(fn, a, k), args, kwargs)
+        out = infer.infer(lambda *a, **k: _call_body(fn, a, k), args, kwargs)
         self.outputs, self.structure = _output_spec(out)
 
     def __call__(self, fn, args, kwargs, per_example):

@@ -21,7 +21,7 @@ from .errors import ExecuteError, where
 from .lazy import LazyTensor
 from .schedule import schedule
 from .signature import CONST, autograd_mode
-from .trace import BULK_STACK
+from .infer import BULK_STACK
 
 Tensor = torch.Tensor
 _DisableTorchFunction = torch._C.DisableTorchFunction
@@ -210,7 +210,7 @@ def _store(nodes, out) -> None:
 
 def _bulk(nodes, direct) -> Tensor:
     """stack/cat of k per-example members: one gather of k x B rows (member-major),
-    then views. See trace._bulk_list."""
+    then views. See infer._bulk_list."""
     kind, dim = direct
     k = len(nodes[0].args[0])
     column = [n.args[0][j] for j in range(k) for n in nodes]

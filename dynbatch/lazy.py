@@ -264,3 +264,16 @@ for _name in _INPLACE_OPERATORS.split():
     setattr(LazyTensor, _name, _make_inplace_operator(_name))
 LazyTensor.__hash__ = object.__hash__  # defining __eq__ above would otherwise drop it
 del _name, _fn
+
+
+def map_lazy(args, kwargs, f):
+    """(args, kwargs) with every lazy tensor, also inside lists and tuples, replaced by
+    ``f(lazy)``."""
+    def conv(a):
+        t = type(a)
+        if t is LazyTensor:
+            return f(a)
+        if t is list or t is tuple:
+            return t(conv(x) for x in a)
+        return a
+    return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}

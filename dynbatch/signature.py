@@ -39,6 +39,10 @@ _SCALARS = (int, float, bool, complex)
 
 OP, CONST, BLOCK, EAGER = "op", "const", "block", "eager"
 
+# plain keys (no shared tensor, no user object; see is_cacheable) -> Signature, kept across
+# runs; keys naming shared tensors or modules live in each run's local_signatures
+GLOBAL_SIGNATURES: dict = {}
+
 
 class Signature:
     """What every node with one key shares. Compared by identity: the key -> Signature map

@@ -2,12 +2,15 @@
 
 Which tensors are per-example: lazy tensors, the tensors found in an example, and every
 tensor made inside the traced code from no lazy input (``torch.tensor(word_id)``,
-``torch.zeros(h)``, ``table[i]``), which becomes a constant node. Everything else reached
-from outside (parameters, buffers, tables) is shared and passed to batched calls as is.
+``torch.zeros(h)``, ``table[i]``), which becomes a constant node (a Python scalar made a
+tensor is an immediate, not even a node: NOTE [immediates] in graph.py). Everything else
+reached from outside (parameters, buffers, tables) is shared and passed to batched calls
+as is.
 
 ``record(fn, args, kwargs)`` is the hot path: one signature key, one dict lookup, one Node.
-Output shapes are inferred once per signature on meta tensors (real zeros where meta has no
-kernel). The run's TorchFunctionMode sends every torch call made by the traced code here.
+What a new key needs (output shapes, rule) is worked out once, in infer.py. The run's
+TorchFunctionMode, and the wrappers of the hottest torch functions, send every torch call
+made by the traced code here.
 """
 from __future__ import annotations
 
@@ -17,15 +20,16 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-from . import lazy, rules, specialize
-from .errors import (BlockError, MixedRunError, TraceError, UnsupportedError, raw_site,
+from . import infer as _infer
+from . import lazy, rules
+from .errors import (BlockError, MixedRunError, UnsupportedError, raw_site,
                      where)
 from .errors import _is_internal_file as _internal_files
 from sys import _getframe
 from .graph import Graph, Immediate, Node
-from .lazy import LazyTensor
-from .signature import (BLOCK, CONST, EAGER, OP, Signature, is_cacheable, layout_of,
-                        signature_key)
+from .lazy import LazyTensor, map_lazy
+from .signature import BLOCK, CONST, OP, Signature, signature_key
+from .signature import GLOBAL_SIGNATURES as _GLOBAL_SIGNATURES
 
 try:
     from greenlet import getcurrent as _getcurrent
@@ -36,8 +40,6 @@ Tensor = torch.Tensor
 _DisableTorchFunction = torch._C.DisableTorchFunction
 
 _current = None                     # the Run recording now, or None
-_GLOBAL_SIGNATURES: dict = {}       # plain keys -> Signature, kept across runs
-_GLOBAL_LIMIT = 200_000
 
 # Reading a value: these force their lazy inputs and run eagerly on the values.
 _READS = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__int__, Tensor.__float__,
@@ -232,7 +234,7 @@ def record(fn, args, kwargs):
     if info is None:
         info = run.local_signatures.get(key)
         if info is None:
-            info = _new_signature(run, fn, args, kwargs, key)
+            info = _infer.new_signature(run, fn, args, kwargs, key)
     kind = info.kind
     if kind is not OP and kind is not BLOCK:
         return _special(run, fn, args, kwargs)
@@ -358,12 +360,12 @@ def _eager_constant(run, fn, args, kwargs):
 def _special(run, fn, args, kwargs):
     """Reads, metadata queries and data-dependent ops: never batched nodes."""
     if fn in _METADATA:
-        meta = _map_lazy(args, kwargs, _meta_of)
+        meta = map_lazy(args, kwargs, _infer.meta_of)
         with _DisableTorchFunction():
             return fn(*meta[0], **meta[1])
     if run.block_trace:
         raise BlockError(f"{rules.name_of(fn)} reads a tensor's value inside a block")
-    values = _map_lazy(args, kwargs, force)
+    values = map_lazy(args, kwargs, force)
     with _DisableTorchFunction():
         out = fn(*values[0], **values[1])
     if fn in _READS:
@@ -375,152 +377,9 @@ def _special(run, fn, args, kwargs):
 
 def _outside_run(fn, args, kwargs):
     """A lazy tensor used after its run ended: it has a value; compute eagerly on it."""
-    values = _map_lazy(args, kwargs, force)
+    values = map_lazy(args, kwargs, force)
     with _DisableTorchFunction():
         return fn(*values[0], **values[1])
-
-
-def _map_lazy(args, kwargs, f):
-    def conv(a):
-        t = type(a)
-        if t is LazyTensor:
-            return f(a)
-        if t is list or t is tuple:
-            return t(conv(x) for x in a)
-        return a
-    return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
-
-
-def _meta_of(lt: LazyTensor) -> Tensor:
-    shape, dtype, _ = lt.tkey
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
-def _zeros_of(lt: LazyTensor) -> Tensor:
-    shape, dtype, device = lt.tkey
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
-def _to_meta(args, kwargs):
-    def conv(a):
-        t = type(a)
-        if t is LazyTensor:
-            return _meta_of(a)
-        if t is list or t is tuple:
-            return t(conv(x) for x in a)
-        if isinstance(a, Tensor):
-            return a.detach().to("meta")
-        return a
-    return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
-
-
-def infer(fn, args, kwargs):
-    """One call's output on stand-ins of its inputs (no grad): real zeros, which cost one
-    small call per new signature, else meta tensors (zeros can hit a value-dependent error,
-    e.g. a singular matrix). Not meta first: the first meta kernel imports torch._dynamo,
-    about 2 s per process."""
-    with _DisableTorchFunction(), torch.no_grad():
-        zargs, zkwargs = _map_lazy(args, kwargs, _zeros_of)
-        try:
-            return fn(*zargs, **zkwargs)
-        except Exception as err:
-            first = err
-        try:
-            margs, mkwargs = _to_meta(args, kwargs)
-            return fn(*margs, **mkwargs)
-        except Exception:
-            raise first from None
-
-
-_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
-                    "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
-                    "__ilshift__", "__irshift__", "__setitem__"}
-
-
-def _new_signature(run, fn, args, kwargs, key) -> Signature:
-    with _DisableTorchFunction():   # inference and specialization read tensor attributes
-        return _make_signature(run, fn, args, kwargs, key)
-
-
-def _make_signature(run, fn, args, kwargs, key) -> Signature:
-    name = rules.name_of(fn)
-    short = getattr(fn, "__name__", "")
-    if (short.endswith("_") and not short.startswith("__")) or kwargs.get("inplace") is True \
-            or kwargs.get("out") is not None or short in _INPLACE_DUNDERS:
-        unsupported(f"in-place {name} on a per-example tensor")
-    try:
-        out = infer(fn, args, kwargs)
-    except Exception as err:
-        raise TraceError(f"{name} failed for {where(run.example, raw_site(3))}\n"
-                         f"  {type(err).__name__}: {err}") from err
-    paths, flags = layout_of(args, kwargs)
-    grad = key[1]
-    if isinstance(out, Tensor):
-        info = Signature(OP, fn, None, ((out.shape, out.dtype, _device_of(out, args)),),
-                         None, paths, flags, grad, name=name)
-    elif isinstance(out, (tuple, list)) and out and all(isinstance(o, Tensor) for o in out):
-        structure = type(out)
-        outputs = tuple((o.shape, o.dtype, _device_of(o, args)) for o in out)
-        info = Signature(OP, fn, None, outputs, structure, paths, flags, grad, name=name)
-    else:  # a Python value may depend on the data: compute it per example, on values
-        info = Signature(EAGER, fn, name=name)
-    if info.kind is OP:
-        if any(p[0] == "kw" for p in paths):
-            info.rule = lambda f, a, k, _pe, _paths=paths: rules.vmap_kwargs_rule(f, a, k,
-                                                                                  _paths)
-        else:
-            info.rule = rules.rule_for(fn)
-            info.direct = _bulk_list(fn, args, kwargs, paths) or \
-                specialize.specialize(info.rule, fn, args, kwargs, flags)
-    if is_cacheable(key):
-        if len(_GLOBAL_SIGNATURES) > _GLOBAL_LIMIT:
-            _GLOBAL_SIGNATURES.clear()
-        _GLOBAL_SIGNATURES[key] = info
-    else:
-        run.local_signatures[key] = info
-    return info
-
-
-BULK_STACK, BULK_CAT = "bulk-stack", "bulk-cat"
-
-
-def _bulk_list(fn, args, kwargs, paths):
-    """``torch.stack(losses)`` of many per-example tensors of one shape: the executor
-    gathers all members in one go (k x B rows) and reshapes, instead of k gathers and an
-    unsqueeze per member. Returns (BULK_STACK | BULK_CAT, per-example dim) or None."""
-    if fn is not _torch_stack and fn is not _torch_cat:
-        return None
-    members = args[0] if args and type(args[0]) in (list, tuple) else None
-    if members is None or len(members) < 4 or len(paths) != len(members):
-        return None
-    if any(type(m) is not LazyTensor or m.tkey != members[0].tkey for m in members):
-        return None
-    extra = set(kwargs) - {"dim"}
-    if extra or len(args) > 2:
-        return None
-    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    rank = len(members[0].tkey[0])
-    if fn is _torch_stack:
-        return BULK_STACK, dim % (rank + 1)
-    if rank == 0:
-        return None
-    return BULK_CAT, dim % rank
-
-
-_torch_stack, _torch_cat = torch.stack, torch.cat
-
-
-def _device_of(out: Tensor, args) -> torch.device:
-    if out.device.type != "meta":
-        return out.device
-    for a in args:
-        if type(a) is LazyTensor:
-            return a.tkey[2]
-        if type(a) in (list, tuple):
-            for x in a:
-                if type(x) is LazyTensor:
-                    return x.tkey[2]
-    return torch.device("cpu")
 
 
 def force(lt: LazyTensor) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import dynbatch as db
-from dynbatch import graph, lazy, trace
+from dynbatch import graph, lazy, signature, trace
 from dynbatch.errors import DynbatchError
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -76,14 +76,14 @@ def test_no_growth_over_1000_runs():
     for step in range(1, RUNS + 1):
         one_run(model, step)
         if step == 20:
-            signatures = len(trace._GLOBAL_SIGNATURES)
+            signatures = len(signature.GLOBAL_SIGNATURES)
         if step == 200:
             gc.collect()
             rss_200 = rss_bytes()
             assert live(*ENGINE_TYPES) == baseline
     assert db.stats().examples == 4 and db.stats().nodes > 0
     assert live(*ENGINE_TYPES) == baseline, "nodes / lazy tensors / runs outlive their run"
-    assert len(trace._GLOBAL_SIGNATURES) == signatures, "signature cache grows per run"
+    assert len(signature.GLOBAL_SIGNATURES) == signatures, "signature cache grows per run"
     gc.collect()
     grown = rss_bytes() - rss_200
     assert grown < 8 * 2 ** 20, f"RSS grew {grown / 2 ** 20:.1f} MiB from run 200 to {RUNS}"
@@ -95,11 +95,11 @@ def test_no_growth_with_blocks():
     model = WithBlocks()
     one_run(model, 0)
     baseline = live(*ENGINE_TYPES)
-    signatures = len(trace._GLOBAL_SIGNATURES)
+    signatures = len(signature.GLOBAL_SIGNATURES)
     for step in range(1, 101):
         one_run(model, step)
     assert live(*ENGINE_TYPES) == baseline
-    assert len(trace._GLOBAL_SIGNATURES) == signatures
+    assert len(signature.GLOBAL_SIGNATURES) == signatures
 
 
 def test_no_node_leak_from_failed_runs():
@@ -150,5 +150,5 @@ def test_signature_cache_bounded_with_fresh_shared_tensors():
         keep.append(torch.randn(4))         # vary the allocator so ids are not reused
         db.batched(fn)([torch.randn(4) for _ in range(4)], lin, w)
         if step in (20, 199):
-            sizes.append(len(trace._GLOBAL_SIGNATURES))
+            sizes.append(len(signature.GLOBAL_SIGNATURES))
     assert sizes[1] - sizes[0] < 20, f"cache grew {sizes[1] - sizes[0]} entries in 179 runs"
