@@ -32,16 +32,7 @@ def _zeros_of(lt: LazyTensor) -> Tensor:
 
 
 def _to_meta(args, kwargs):
-    def conv(a):
-        t = type(a)
-        if t is LazyTensor:
-            return meta_of(a)
-        if t is list or t is tuple:
-            return t(conv(x) for x in a)
-        if isinstance(a, Tensor):
-            return a.detach().to("meta")
-        return a
-    return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
+    return map_lazy(args, kwargs, meta_of, shared=lambda t: t.detach().to("meta"))
 
 
 def infer(fn, args, kwargs):

@@ -266,14 +266,16 @@ LazyTensor.__hash__ = object.__hash__  # defining __eq__ above would otherwise d
 del _name, _fn
 
 
-def map_lazy(args, kwargs, f):
+def map_lazy(args, kwargs, f, shared=None):
     """(args, kwargs) with every lazy tensor, also inside lists and tuples, replaced by
-    ``f(lazy)``."""
+    ``f(lazy)``, and every real tensor by ``shared(tensor)`` when given."""
     def conv(a):
         t = type(a)
         if t is LazyTensor:
             return f(a)
         if t is list or t is tuple:
             return t(conv(x) for x in a)
+        if shared is not None and isinstance(a, Tensor):
+            return shared(a)
         return a
     return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
