@@ -101,8 +101,8 @@ def test_agenda_runs_side_losses_once_after_the_chain():
 
 # Same-signature chains of different lengths across examples: examples 0 and 1 are
 # k -> c -> a, example 2 is k -> a. By depth, example 2's `a` (depth 1) and the others'
-# `a` (depth 2) land in different batches; the agenda runs the larger ready group `c`
-# first (same average depth, ties to the larger group), so all three `a` run together.
+# `a` (depth 2) land in different batches; the agenda runs the ready group `c` first (it
+# has a path ahead, the ready `a` has none), so all three `a` run together.
 CHAINS_SIGS = ["k", "c", "a", "k", "c", "a", "k", "a"]
 CHAINS_INPUTS = [[], [0], [1], [], [3], [4], [], [6]]
 CHAINS_DEPTHS = [0, 1, 2, 0, 1, 2, 0, 1]
