@@ -37,7 +37,10 @@ RawSite = tuple  # (code object, line number): what a node keeps; cheap to captu
 
 def raw_site(skip: int = 2) -> RawSite | None:
     """The first frame outside dynbatch and torch, as (code, lineno). Called per recorded op."""
-    frame = sys._getframe(skip)
+    try:
+        frame = sys._getframe(skip)
+    except ValueError:        # fewer frames than that: no user frame to name
+        return None
     table = _is_internal_file
     while frame is not None:
         code = frame.f_code
