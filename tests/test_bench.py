@@ -104,3 +104,22 @@ def test_missing_sst_skips_with_a_message(tmp_path: Path):
     result = harness.run(cfg)
     assert "sst128" in result["skipped"] and "SST not found" in result["skipped"]["sst128"]
     assert result["results"] == []
+
+
+def test_time_split_reports_every_phase(tiny_sst: Path, capsys):
+    # benchmarks/time_split.py: the one-change instrument. Only its report's shape is
+    # checked; the numbers are timings.
+    spec = importlib.util.spec_from_file_location("time_split",
+                                                  ROOT / "benchmarks" / "time_split.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from dynbatch import execute
+    run_batch, gather = execute.run_batch, execute.gather
+    mod.main(["--sst-dir", str(tiny_sst), "--batch", "4", "--minibatches", "1",
+              "--rounds", "1"])
+    assert (execute.run_batch, execute.gather) == (run_batch, gather)   # unpatched after
+    out = capsys.readouterr().out
+    assert "hand " in out and "dynbatch-blocks-agenda " in out
+    assert "trace" in out and "schedule" in out and "execute" in out
+    for name in ("BinaryTreeLSTM.leaf", "BinaryTreeLSTM.node", "BinaryTreeLSTM.node_loss"):
+        assert name in out

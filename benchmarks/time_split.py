@@ -1,0 +1,107 @@
+"""Where a dynbatch training step goes, next to the hand-batched step on the same data.
+
+    python benchmarks/time_split.py                          # SST128 blocks form, B=64
+    python benchmarks/time_split.py --impl dynbatch-agenda --batch 16 --rounds 3
+
+Both implementations run interleaved in one process, 1 thread, on the same minibatches
+and weights. Figures are the minimum CPU time (``time.process_time``) over all minibatches
+and rounds: on a shared machine the minimum is the figure least moved by other work. For
+dynbatch: trace / schedule / execute of the forward (``db.stats()``), the backward, and
+the execute phase per batch signature, split into gathering the inputs and the call.
+For the full comparison use scripts/bench.py; this is the instrument for one change.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import dynbatch as db  # noqa: E402
+from benchmarks import tasks as T  # noqa: E402
+from dynbatch import execute  # noqa: E402
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="sst128", choices=("sst128", "sst300", "ast"))
+    ap.add_argument("--impl", default="dynbatch-blocks-agenda")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--minibatches", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sst-dir", default=str(ROOT.parent / "shared" / "data" / "sst"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    task = T.load_task(args.task, limit=args.batch * args.minibatches, sst_dir=Path(args.sst_dir))
+    model = T.make_model(task)
+    impls = {name: T.torch_impl(args.task, name) for name in ("hand", args.impl)}
+    if impls[args.impl] is None:
+        sys.exit(f"{args.impl} has no form for {args.task}")
+    models = {name: impl.prepare(model) for name, impl in impls.items()}
+    batches = T.minibatches(task.examples, args.batch, args.minibatches)
+
+    per_signature = collections.defaultdict(lambda: [float("inf"), float("inf")])
+    current = collections.defaultdict(lambda: [0.0, 0.0])
+    run_batch, gather = execute.run_batch, execute.gather
+    active = [None]
+
+    def timed_run_batch(nodes, info):
+        active[0] = info.name
+        t = time.process_time()
+        run_batch(nodes, info)
+        current[info.name][1] += time.process_time() - t
+
+    def timed_gather(column, memo=None):
+        t = time.process_time()
+        out = gather(column, memo)
+        current[active[0]][0] += time.process_time() - t
+        return out
+
+    forward = {name: [] for name in impls}
+    backward = {name: [] for name in impls}
+    split = []
+    execute.run_batch, execute.gather = timed_run_batch, timed_gather
+    try:
+        for _ in range(args.rounds):
+            for batch in batches:
+                for name, impl in impls.items():
+                    current.clear()
+                    t0 = time.process_time()
+                    loss = impl.losses(models[name], batch).sum()
+                    t1 = time.process_time()
+                    loss.backward()
+                    t2 = time.process_time()
+                    forward[name].append(t1 - t0)
+                    backward[name].append(t2 - t1)
+                    if name != "hand":
+                        s = db.stats()
+                        split.append((s.trace_s, s.schedule_s, s.execute_s))
+                        for sig, (g, total) in current.items():
+                            best = per_signature[sig]
+                            best[0], best[1] = min(best[0], g), min(best[1], total)
+    finally:
+        execute.run_batch, execute.gather = run_batch, gather
+
+    ms = 1e3
+    print(f"{args.task}, B={args.batch}, {args.minibatches} minibatches x {args.rounds} "
+          f"rounds, 1 thread; minimum CPU ms per minibatch")
+    for name in impls:
+        print(f"  {name:26s} forward {min(forward[name]) * ms:7.1f}   "
+              f"backward {min(backward[name]) * ms:7.1f}")
+    trace_s, schedule_s, execute_s = (min(x[i] for x in split) for i in range(3))
+    last = db.stats()
+    print(f"  {args.impl} forward: trace {trace_s * ms:.1f}, schedule {schedule_s * ms:.1f}, "
+          f"execute {execute_s * ms:.1f} ({last.nodes} nodes in {last.batches} batches)")
+    print("  execute by signature, gathering the inputs / the whole batch (timing each call "
+          "adds a little)")
+    for sig, (g, total) in sorted(per_signature.items(), key=lambda kv: -kv[1][1]):
+        print(f"    {sig:40s} {g * ms:6.1f} / {total * ms:6.1f}")
+
+
+if __name__ == "__main__":
+    main()
