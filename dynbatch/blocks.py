@@ -70,11 +70,6 @@ class BlockFunction:
         functools.update_wrapper(self, fn)
         self.fn = fn
 
-    def __call__(self, *args, **kwargs):
-        if trace._current is not None:
-            return record_block(self, args, kwargs)
-        return self.fn(*args, **kwargs)
-
     def __repr__(self) -> str:
         return f"<dynbatch block {self.fn.__qualname__}>"
 
@@ -107,8 +102,7 @@ def block(obj):
     if isinstance(obj, nn.Module):
         object.__setattr__(obj, "_dynbatch_block", True)
         return obj
-    if isinstance(obj, BlockFunction) or \
-            isinstance(getattr(obj, "__dynbatch_block__", None), BlockFunction):
+    if isinstance(getattr(obj, "__dynbatch_block__", None), BlockFunction):
         return obj
     if callable(obj):
         return _block_function(obj)

@@ -56,17 +56,20 @@ def execute_pending(run, targets=None) -> None:
                            [n.inputs for n in pending], [n.depth for n in pending], start,
                            wanted)
     else:
-        # after a partial execution (a read), pending and executed nodes interleave
-        if targets is None:
-            pending = [n for n in nodes[start:] if n.batch is None]
-        else:
-            pending = _needed(nodes, targets, start)
+        # after a partial execution (a read), pending and executed nodes interleave:
+        # number the pending ones afresh; the scheduler still drops what no target needs
+        pending = [n for n in nodes[start:] if n.batch is None]
+        local = {n.id: k for k, n in enumerate(pending)}
+        wanted = None
+        if targets is not None:
+            wanted = [local[t.id] for t in targets if t.id in local]
+            if not wanted:
+                return
         if not pending:
             return
-        local = {n.id: k for k, n in enumerate(pending)}
         inputs = [[local[j] for j in n.inputs if j in local] for n in pending]
         batches = schedule(run.strategy, [n.info for n in pending], inputs,
-                           [n.depth for n in pending])
+                           [n.depth for n in pending], 0, wanted)
     t1 = time.perf_counter()
     stats = run.stats
     stats.schedule_s += t1 - t0
@@ -110,30 +113,6 @@ def _in_mode(mode: int):
         stack.enter_context(torch.set_grad_enabled(bool(mode)))
         return stack
     return torch.set_grad_enabled(bool(mode))
-
-
-def _needed(nodes, targets, floor: int) -> list:
-    """The unexecuted ancestors of ``targets`` (nodes), themselves included, by id. One
-    backward sweep down to ``floor`` (every node below it has run): a node's inputs always
-    have smaller ids."""
-    live = [t.id for t in targets if t.batch is None and t.id >= 0]
-    if not live:
-        return []
-    top = max(live)
-    mark = bytearray(top + 1)
-    for i in live:
-        mark[i] = 1
-    found = []
-    for i in range(top, floor - 1, -1):
-        if mark[i]:
-            node = nodes[i]
-            if node.batch is None:
-                found.append(node)
-                for j in node.inputs:
-                    # an immediate's -1 marks mark[top], already visited: harmless
-                    mark[j] = 1
-    found.reverse()
-    return found
 
 
 def lazy_tensors(structure, found=None) -> list:

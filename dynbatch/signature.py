@@ -178,28 +178,12 @@ def signature_key(fn, args, kwargs, owner):
         else:
             key.append(a)
     if kwargs:
+        # keywords are rare: one (name, value) pair each, through the general walker
+        box = [depth]
         for name, a in kwargs.items():
             key.append(name)
-            t = type(a)
-            if t is LazyTensor:
-                node = a.node
-                if node.owner is not owner:
-                    raise_mixed(owner)
-                inputs.append(node.id)
-                if node.depth > depth:
-                    depth = node.depth
-                key.append(a.tkey)
-            elif t in _SCALARS:
-                key.append(t)
-                key.append(a)
-            elif t is list or t is tuple:
-                box = [depth]
-                key.append(_seq_key(a, inputs, owner, box))
-                depth = box[0]
-            elif isinstance(a, Tensor):
-                key.append((SHARED, id(a)))
-            else:
-                key.append(a)
+            key.append(_seq_key((a,), inputs, owner, box))
+        depth = box[0]
     return tuple(key), inputs, depth
 
 
