@@ -15,6 +15,7 @@ made by the traced code here.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -24,6 +25,7 @@ from . import infer as _infer
 from . import lazy, rules
 from .errors import (BlockError, MixedRunError, UnsupportedError, raw_site,
                      where)
+from .errors import _internal as _internal_file
 from .errors import _is_internal_file as _internal_files
 from sys import _getframe
 from .graph import Graph, Immediate, Node
@@ -425,10 +427,30 @@ def force_all(lazies) -> None:
         if torch.is_grad_enabled() != grad:   # another example changed it meanwhile
             with _DisableTorchFunction():
                 torch._C._set_grad_enabled(grad)
+    elif run.main is None and not run.scope and run.stats.examples > 1:
+        _warn_serial_reads()
     if any(n.batch is None for n in pending):
         # In a scope the user's own loop comes back for the other pending values: run
         # them all now, batched. In @batched code, run only what this read needs.
         _execute_pending(run, None if run.scope else pending)
+
+
+def _warn_serial_reads() -> None:
+    """Without greenlet (a declared dependency, so a broken install) a read cannot wait
+    for the other examples: results stay exact, but every read runs one example's
+    pending work on its own. Say so once rather than be silently slow."""
+    global _warned_serial_reads
+    if not _warned_serial_reads:
+        _warned_serial_reads = True
+        level, frame = 1, _getframe(0)      # name the user's line that read the value
+        while frame.f_back is not None and _internal_file(frame.f_code.co_filename):
+            level, frame = level + 1, frame.f_back
+        warnings.warn("dynbatch: greenlet is not installed, so a value read in per-example "
+                      "code runs that example's work unbatched; pip install greenlet",
+                      RuntimeWarning, stacklevel=level)
+
+
+_warned_serial_reads = False
 
 
 def _suspendable(run) -> bool:

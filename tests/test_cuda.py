@@ -73,7 +73,8 @@ def test_child_sum_and_reads_on_cuda(cuda_default):
         k = int(logits.argmax())
         return F.log_softmax(logits, dim=-1)[k]
     assert_matches_eager(decide, trees, model, atol=1e-8, rtol=1e-6)
-    assert db.stats().rounds >= 1
+    if db.api.greenlet is not None:   # without it reads stay exact but run serially
+        assert db.stats().rounds >= 1
 
 
 def test_gru_cells_and_scope_on_cuda(cuda_default):

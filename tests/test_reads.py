@@ -189,6 +189,19 @@ def test_greedy_decoding_matches_eager(strategy):
     assert_clean_state()
 
 
+def test_without_greenlet_reads_stay_exact_and_say_they_run_serially(monkeypatch):
+    # greenlet is a declared dependency; an install without it (a bare GPU image, say)
+    # must still give eager's values, and warn instead of being silently slow.
+    monkeypatch.setattr(db.api, "greenlet", None)
+    monkeypatch.setattr(trace, "_warned_serial_reads", False)
+    dec = make_decoder()
+    examples = [(h, 2 + i % 6) for i, h in enumerate(vectors(6, scale=2.0))]
+    with pytest.warns(RuntimeWarning, match="greenlet is not installed"):
+        assert_matches_eager(greedy, examples, dec, atol=ATOL, rtol=RTOL)
+    assert db.stats().rounds == 0
+    assert_clean_state()
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_branches_and_steps_match_eager(strategy):
     torch.manual_seed(1)
