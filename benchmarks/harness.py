@@ -19,7 +19,11 @@ Method, in one place:
 * Peak memory: the resident high-water mark (VmHWM) of a fresh interpreter per (task,
   implementation) that loads the same data and weights, builds the implementation, runs one
   training step on one example (the base: library code paged in, parameters, Adam state,
-  DyNet's pool), then one training step at each memory size, ascending.
+  DyNet's pool), then one training step at each memory size, ascending. The worker runs
+  with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``): left dynamic, it rises
+  after the first large free, and whether later tensors land on the heap (and stay
+  resident once freed) then depends on allocation history. Measured on AST at B=64, the
+  hand-batched Δ ranged 19-45 MB over three identical processes; fixed, 13.1-13.7 MB.
 * DyNet runs in a child process of its own (``ProcessRunner``), driven round by round from
   the same interleaved loop: importing it slows PyTorch at 2 threads 10-50x in-process.
 """
@@ -495,6 +499,11 @@ def memory_worker(spec_path: str) -> None:
     print("MEMORY " + json.dumps(out), flush=True)
 
 
+# one intra-op thread; a fixed mmap threshold so that resident memory follows live memory
+# (see the module docstring): 128 KiB, glibc's own starting value
+MEMORY_WORKER_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def measure_memory(task: T.TaskData, names: list[str], sizes: list[int], workdir: Path,
                    data: Path) -> list[dict]:
     rows = []
@@ -508,7 +517,7 @@ def measure_memory(task: T.TaskData, names: list[str], sizes: list[int], workdir
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(SCRIPT), "--memory-worker", str(spec)],
                               capture_output=True, text=True, cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, **MEMORY_WORKER_ENV})
         line = next((l for l in proc.stdout.splitlines() if l.startswith("MEMORY ")), None)
         if proc.returncode != 0 or line is None:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -279,7 +279,10 @@ def markdown(result: dict, png_name: str | None) -> str:
               "must preallocate when autobatching: together the *base*), then one training "
               "step at each size, ascending (so the B=256 figure is the peak over both). "
               "**Δ = peak − base**: what the minibatch itself costs. *peak × hand* compares "
-              "whole processes (PyTorch alone is ~300 MB of it). One thread. Eager is "
+              "whole processes (PyTorch alone is ~300 MB of it). One thread, and glibc's mmap "
+              "threshold fixed at 128 KiB (`MALLOC_MMAP_THRESHOLD_`), so that freed tensors "
+              "leave the resident set and the figures repeat (left dynamic, hand-batched's "
+              "AST Δ at B=64 ranged 19-45 MB over three identical processes). Eager is "
               f"measured up to B={H.EAGER_MEMORY_MAX} only (a minute or more per step beyond).",
               ""]
         for task in result["tasks"]:
