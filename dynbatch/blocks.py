@@ -114,14 +114,14 @@ def record_block(fn, args, kwargs):
     """Record one block call. The signature lives for this run only: a block's batched form
     closes over the module's current parameters, which may be replaced between runs."""
     run = trace._current
-    key, inputs, depth = signature_key(fn, args, kwargs, run)
+    key, inputs, depth, _ = signature_key(fn, args, kwargs, run)
     if not inputs:      # no per-example tensor among the arguments: a plain call
         return _call_body(fn, args, kwargs)
     info = run.local_signatures.get(key)
     if info is None:
         info = _new_block_signature(run, fn, args, kwargs, len(inputs))
         run.local_signatures[key] = info
-    return trace.append_node(run, fn, args, kwargs, info, inputs, depth)
+    return trace.append_node(run, fn, args, kwargs, info, inputs, depth, False)
 
 
 def _name(fn) -> str:

@@ -18,6 +18,7 @@ import torch
 
 from . import rules, specialize
 from .errors import ExecuteError, where
+from .graph import Node
 from .lazy import LazyTensor
 from .schedule import schedule
 from .signature import CONST, autograd_mode
@@ -144,25 +145,29 @@ def run_batch(nodes, info) -> None:
         if direct is not None and type(direct[0]) is str:
             _store(nodes, (_bulk(nodes, direct),))
             return
-        args = list(first.args)
+        template = first.args
+        if template is None:                 # a plain node (NOTE [plain nodes])
+            template = first.owner.templates[info]
+        args = list(template)
         kwargs = first.kwargs or {}
         if direct is not None and direct[1]:
             kwargs = specialize.apply_edits(args, kwargs, direct[1])
         if kwargs and any(p[0] == "kw" for p in info.paths):
             kwargs = dict(kwargs)
         memo = [None, None]
-        for path in info.paths:
+        graph_nodes = first.owner.graph.nodes
+        for k, path in enumerate(info.paths):
             if len(path) == 1:
-                args[path[0]] = gather([n.args[path[0]] for n in nodes], memo)
+                args[path[0]] = gather(_column(nodes, k, path, graph_nodes), memo)
             elif path[0] == "kw":
                 kwargs[path[1]] = gather([n.kwargs[path[1]] for n in nodes], memo)
             else:
                 i, j = path
-                if args[i] is first.args[i]:
+                if args[i] is template[i]:
                     args[i] = list(args[i])
                 args[i][j] = gather([n.args[i][j] for n in nodes], memo)
         for i, a in enumerate(args):
-            if type(a) is list and type(first.args[i]) is tuple:
+            if type(a) is list and type(template[i]) is tuple:
                 args[i] = tuple(a)
         try:
             if direct is not None:
@@ -175,6 +180,18 @@ def run_batch(nodes, info) -> None:
             out = _recover(nodes, info, err)
         out = (out,) if info.structure is None else tuple(out)
     _store(nodes, out)
+
+
+def _column(nodes, k, path, graph_nodes) -> list:
+    """The k-th lazy input (at ``path``, a positional argument) of every node: a lazy
+    tensor from the node's args, or for a plain node the first output of node
+    ``inputs[k]``, which ``gather`` reads the same way (NOTE [plain nodes])."""
+    i = path[0]
+    column = []
+    for n in nodes:
+        a = n.args
+        column.append(graph_nodes[n.inputs[k]] if a is None else a[i])
+    return column
 
 
 def _store(nodes, out) -> None:
@@ -215,15 +232,20 @@ def gather(column, memo=None) -> Tensor:
     """Stack the values of executed lazy tensors along a new dim 0. ``memo`` carries the
     last plan within one batch: the columns of a block's (h, c) inputs come from the same
     nodes, so their rows are located once."""
-    index = column[0].index
     nodes = []
+    index = 0
+    first = column[0]
+    if type(first) is LazyTensor:
+        index = first.index
     for lt in column:
-        if lt.index != index:
-            # e.g. sigmoid(i) and sigmoid(o) of one chunk(): rows of different outputs
-            fill_immediates([lt.node for lt in column])
-            return _apply(_plan_sources([(lt.node.batch, lt.index, lt.node.row)
-                                         for lt in column]), None)
-        nodes.append(lt.node)
+        if type(lt) is Node:                    # a plain node's input: its first output
+            if index:
+                return _gather_mixed(column)
+            nodes.append(lt)
+        elif lt.index != index:
+            return _gather_mixed(column)
+        else:
+            nodes.append(lt.node)
     if memo is not None and memo[0] == nodes:   # list ==: identity of the same nodes
         plan = memo[1]
     else:
@@ -231,6 +253,14 @@ def gather(column, memo=None) -> Tensor:
         if memo is not None:
             memo[0], memo[1] = nodes, plan
     return _apply(plan, index)
+
+
+def _gather_mixed(column) -> Tensor:
+    """Rows of different outputs, e.g. sigmoid(i) and sigmoid(o) of one chunk()."""
+    refs = [(lt, 0) if type(lt) is Node else (lt.node, lt.index) for lt in column]
+    fill_immediates([node for node, _ in refs])
+    return _apply(_plan_sources([(node.batch, index, node.row) for node, index in refs]),
+                  None)
 
 
 def _plan(nodes):
@@ -323,6 +353,20 @@ def _apply(plan, index) -> Tensor:
     return joined if plan[2] is None else joined.index_select(0, plan[2])
 
 
+def node_args(node) -> tuple:
+    """A pending node's arguments, rebuilt from its signature's template and its inputs
+    when it is plain (NOTE [plain nodes])."""
+    if node.args is not None:
+        return node.args
+    owner = node.owner
+    args = list(owner.templates[node.info])
+    nodes = owner.graph.nodes
+    for k, (i,) in enumerate(node.info.paths):
+        source = nodes[node.inputs[k]]
+        args[i] = LazyTensor(source, 0, source.info.outputs[0])
+    return tuple(args)
+
+
 def _per_example(node):
     """Run one node alone on its inputs' values: the eager semantics of the batch."""
     def conv(a):
@@ -331,7 +375,7 @@ def _per_example(node):
         if type(a) in (list, tuple):
             return type(a)(conv(x) for x in a)
         return a
-    args = tuple(conv(a) for a in node.args)
+    args = tuple(conv(a) for a in node_args(node))
     kwargs = {k: conv(v) for k, v in (node.kwargs or {}).items()}
     fn = node.fn
     from .blocks import _call_body, BlockFunction

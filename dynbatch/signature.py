@@ -111,7 +111,10 @@ def raise_mixed(owner):
 
 
 def signature_key(fn, args, kwargs, owner):
-    """(key, input node ids, max input depth) of one call. ``owner`` is the recording run."""
+    """(key, input node ids, max input depth, plain) of one call. ``owner`` is the
+    recording run. ``plain``: the call's lazy inputs are exactly its first one or two
+    arguments, each the first output of a graph node, so ``inputs`` alone say where the
+    values come from (NOTE [plain nodes] in trace.py)."""
     mode = 2 if _is_inference() else 1 if _is_grad_enabled() else 0
     if not kwargs and 0 < len(args) <= 2:
         # Fast path for the commonest calls (unary ops; binary ops on two lazy tensors or a
@@ -122,17 +125,21 @@ def signature_key(fn, args, kwargs, owner):
             if na.owner is owner:
                 # inputs as tuples here: a node keeps them, and a tuple is 24 bytes
                 # smaller than a list
+                ia = na.id
                 if len(args) == 1:
-                    return (fn, mode, a.tkey), (na.id,), na.depth
+                    return (fn, mode, a.tkey), (ia,), na.depth, ia >= 0 and not a.index
                 b = args[1]
                 tb = type(b)
                 if tb is LazyTensor:
                     nb = b.node
                     if nb.owner is owner:
+                        ib = nb.id
                         depth = na.depth if na.depth > nb.depth else nb.depth
-                        return (fn, mode, a.tkey, b.tkey), (na.id, nb.id), depth
+                        return (fn, mode, a.tkey, b.tkey), (ia, ib), depth, \
+                            ia >= 0 and ib >= 0 and not a.index and not b.index
                 elif tb is float or tb is int:
-                    return (fn, mode, a.tkey, tb, b), (na.id,), na.depth
+                    return (fn, mode, a.tkey, tb, b), (ia,), na.depth, \
+                        ia >= 0 and not a.index
     key = [fn, mode]
     inputs = []
     depth = -1
@@ -184,7 +191,7 @@ def signature_key(fn, args, kwargs, owner):
             key.append(name)
             key.append(_seq_key((a,), inputs, owner, box))
         depth = box[0]
-    return tuple(key), inputs, depth
+    return tuple(key), inputs, depth, False
 
 
 def layout_of(args, kwargs):

@@ -74,7 +74,7 @@ class Run:
 
     __slots__ = ("graph", "strategy", "example", "local_signatures", "closed", "failed",
                  "stats", "block_trace", "main", "rounds", "default_device", "wanted", "scope",
-                 "inference", "int_scalar", "signatures_run",
+                 "inference", "int_scalar", "signatures_run", "templates",
                  "__weakref__")
 
     def __init__(self, strategy: str, block_trace: bool = False):
@@ -94,6 +94,7 @@ class Run:
         self.inference = torch.is_inference_mode_enabled()   # the caller's
         self.int_scalar = _scalar_signature(_PY_SCALAR_DTYPE[int], self.default_device)
         self.signatures_run: set = set()   # distinct signatures of the batches run
+        self.templates: dict = {}   # Signature -> args of its first node (NOTE [plain nodes])
 
 
 def current_run():
@@ -229,7 +230,7 @@ def record(fn, args, kwargs):
     run = _current
     if run is None:
         return _outside_run(fn, args, kwargs)
-    key, inputs, depth = signature_key(fn, args, kwargs, run)
+    key, inputs, depth, plain = signature_key(fn, args, kwargs, run)
     if not inputs:
         return _eager_constant(run, fn, args, kwargs)
     info = _GLOBAL_SIGNATURES.get(key)
@@ -240,16 +241,29 @@ def record(fn, args, kwargs):
     kind = info.kind
     if kind is not OP and kind is not BLOCK:
         return _special(run, fn, args, kwargs)
-    return append_node(run, fn, args, kwargs, info, inputs, depth)
+    return append_node(run, fn, args, kwargs, info, inputs, depth, plain)
 
 
 _SITES: dict = {}            # (id(code), line) -> (code, line); the value keeps code alive
 _SITES_LIMIT = 100_000
 
 
-def append_node(run, fn, args, kwargs, info, inputs, depth):
-    """Add one node to the run's graph (ops and blocks alike); returns its lazy output(s)."""
+def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
+    """Add one node to the run's graph (ops and blocks alike); returns its lazy output(s).
+
+    NOTE [plain nodes]: most calls of per-op code are ``f(x)``, ``f(x, y)`` or
+    ``f(x, 2.0)`` on first outputs of earlier nodes (``plain``, from signature_key). Their
+    ``inputs`` say where every lazy argument comes from, and every other argument is part
+    of the signature, so equal for all its nodes: such a node keeps no ``args``. The first
+    node of each signature leaves its args in ``run.templates`` for the executor; the
+    lazy tensors of the rest are freed as soon as the user's code drops them (a third of
+    the memory a recorded per-op node costs)."""
     nodes = run.graph.nodes
+    if plain and not run.block_trace:
+        templates = run.templates
+        if info not in templates:
+            templates[info] = args
+        args = None
     # the user's line: inline for the common case (the recorder's caller's caller is theirs)
     frame = _getframe(3)
     code = frame.f_code

@@ -140,6 +140,22 @@ def test_execution_error_names_example_and_line(strategy):
     assert isinstance(info.value.__cause__, (IndexError, RuntimeError))
 
 
+def factor(m):
+    return torch.linalg.cholesky(m * 2)  # <-not-pd
+
+
+@pytest.mark.parametrize("strategy", ["agenda", "depth"])
+def test_execution_error_in_plain_nodes_names_example_and_line(strategy):
+    # m * 2 and cholesky(.) keep no arguments of their own (NOTE [plain nodes]): naming the
+    # culprit reruns them per example from their inputs and their signature's template
+    good = torch.eye(2, dtype=torch.float64)
+    with failing_run(ExecuteError) as info:
+        db.batched(factor, strategy=strategy)([good, good, -good, good])
+    assert_names(str(info.value), 2, "not-pd")
+    out = db.batched(factor, strategy=strategy)([good, 3 * good])
+    assert torch.allclose(out[1], factor(3 * good))
+
+
 @pytest.mark.parametrize("read", [False, True], ids=["at-exit", "at-a-read"])
 def test_execution_error_in_the_scope_names_the_line(read):
     # no example index in the scope form: the message says so, and still names the line
