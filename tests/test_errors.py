@@ -144,6 +144,7 @@ def factor(m):
     return torch.linalg.cholesky(m * 2)  # <-not-pd
 
 
+@pytest.mark.filterwarnings("ignore:dynbatch ran torch.linalg_cholesky one example at a time")
 @pytest.mark.parametrize("strategy", ["agenda", "depth"])
 def test_execution_error_in_plain_nodes_names_example_and_line(strategy):
     # m * 2 and cholesky(.) keep no arguments of their own (NOTE [plain nodes]): naming the
