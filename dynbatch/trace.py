@@ -256,8 +256,8 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
     ``inputs`` say where every lazy argument comes from, and every other argument is part
     of the signature, so equal for all its nodes: such a node keeps no ``args``. The first
     node of each signature leaves its args in ``run.templates`` for the executor; the
-    lazy tensors of the rest are freed as soon as the user's code drops them (a third of
-    the memory a recorded per-op node costs)."""
+    lazy tensors of the rest are freed as soon as the user's code drops them (about a
+    quarter of the memory a recorded per-op node costs: 377 -> 280 bytes, AST per-op)."""
     nodes = run.graph.nodes
     if plain and not run.block_trace:
         templates = run.templates
