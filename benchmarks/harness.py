@@ -20,11 +20,11 @@ Method, in one place:
   implementation) that loads the same data and weights, builds the implementation, runs one
   training step on one example (the base: library code paged in, parameters, Adam state,
   DyNet's pool; the high-water mark is then lowered to it, ``reset_peak_rss``), then one
-  training step at each memory size, ascending. The worker runs
-  with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``): left dynamic, it rises
-  after the first large free, and whether later tensors land on the heap (and stay
-  resident once freed) then depends on allocation history. Measured on AST at B=64, the
-  hand-batched Δ ranged 19-45 MB over three identical processes; fixed, 13.1-13.7 MB.
+  training step at each memory size, ascending. The worker runs with glibc's mmap
+  threshold fixed (``MALLOC_MMAP_THRESHOLD_``): left dynamic, it rises after the first
+  large free, and whether later tensors land on the heap (and stay resident once freed)
+  then depends on allocation history. Hand-batched's AST Δ at B=64 ranged 19-45 MB over
+  three identical processes; with both measures, 20.2-20.4 MB.
 * DyNet runs in a child process of its own (``ProcessRunner``), driven round by round from
   the same interleaved loop: importing it slows PyTorch at 2 threads 10-50x in-process.
 """
@@ -539,6 +539,9 @@ def measure_memory(task: T.TaskData, names: list[str], sizes: list[int], workdir
             log(f"  memory {name}: worker failed ({proc.returncode}): {' | '.join(tail)}")
             continue
         res = json.loads(line[len("MEMORY "):])
+        if not res.get("peak_reset", True):
+            log(f"  memory {name}: could not reset the high-water mark (no "
+                "/proc/self/clear_refs); the set-up's peak may hide part of each step")
         for B, v in res["sizes"].items():
             rows.append({"task": task.name, "impl": name, "batch": int(B),
                          "base_mb": res["base_mb"], "before_mb": res["before_mb"],
