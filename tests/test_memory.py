@@ -102,6 +102,34 @@ def test_no_growth_with_blocks():
     assert len(signature.GLOBAL_SIGNATURES) == signatures
 
 
+def test_plain_nodes_free_their_lazy_tensors_while_recording():
+    # NOTE [plain nodes]: f(x), f(x, y), f(x, 2.0) on earlier outputs keep no arguments,
+    # so the lazy tensors of a long per-op chain die as the code moves on; a node that
+    # kept its args would keep one alive per node until it ran.
+    counts = []
+
+    def chain(x):
+        for _ in range(50):
+            x = torch.tanh(x) * 0.5 + x
+        counts.append(live(lazy.LazyTensor))
+        return x.sum()
+
+    xs = [torch.randn(3) for _ in range(4)]
+    outs = db.batched(chain)(xs)
+    nodes = db.stats().nodes
+    assert nodes >= 4 * 150
+    # the last example sees every example's recording: a few templates and its own x
+    assert max(counts) < 20, f"{max(counts)} lazy tensors alive over {nodes} nodes"
+    for x, out in zip(xs, outs):
+        assert torch.allclose(out, _eager_chain(x))
+
+
+def _eager_chain(x):
+    for _ in range(50):
+        x = torch.tanh(x) * 0.5 + x
+    return x.sum()
+
+
 def test_no_node_leak_from_failed_runs():
     def bad(x):
         y = torch.tanh(x) * 2
