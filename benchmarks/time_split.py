@@ -2,6 +2,7 @@
 
     python benchmarks/time_split.py                          # SST128 blocks form, B=64
     python benchmarks/time_split.py --impl dynbatch-agenda --batch 16 --rounds 3
+    python benchmarks/time_split.py --profile        # ATen time of one step; graph bytes
 
 Both implementations run interleaved in one process, 1 thread, on the same minibatches
 and weights. Figures are the minimum CPU time (``time.process_time``) over all minibatches
@@ -35,6 +36,9 @@ def main(argv=None) -> None:
     ap.add_argument("--minibatches", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sst-dir", default=str(ROOT.parent / "shared" / "data" / "sst"))
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: torch.profiler's ATen self time of one training step of "
+                         "each implementation, and the Python memory tracing allocates")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     task = T.load_task(args.task, limit=args.batch * args.minibatches, sst_dir=Path(args.sst_dir))
@@ -44,6 +48,8 @@ def main(argv=None) -> None:
         sys.exit(f"{args.impl} has no form for {args.task}")
     models = {name: impl.prepare(model) for name, impl in impls.items()}
     batches = T.minibatches(task.examples, args.batch, args.minibatches)
+    if args.profile:
+        return profile_step(impls, models, batches[0])
 
     per_signature = collections.defaultdict(lambda: [float("inf"), float("inf")])
     current = collections.defaultdict(lambda: [0.0, 0.0])
@@ -101,6 +107,47 @@ def main(argv=None) -> None:
           "adds a little)")
     for sig, (g, total) in sorted(per_signature.items(), key=lambda kv: -kv[1][1]):
         print(f"    {sig:40s} {g * ms:6.1f} / {total * ms:6.1f}")
+
+
+def profile_step(impls, models, batch) -> None:
+    """Is the gap in the batched torch work or around it? ATen self time of one training
+    step (forward and backward) under torch.profiler, per implementation; and for dynbatch
+    the Python memory allocated while tracing (tracemalloc, up to the first execution),
+    per recorded node."""
+    from torch.profiler import ProfilerActivity, profile
+    for name, impl in impls.items():
+        impl.losses(models[name], batch).sum().backward()        # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            impl.losses(models[name], batch).sum().backward()
+        events = prof.key_averages()
+        aten = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::"))
+        print(f"  {name:26s} ATen self time {aten / 1e3:7.1f} ms in "
+              f"{sum(e.count for e in events if e.key.startswith('aten::'))} ATen calls")
+        if name != "hand":
+            print(f"  {'':26s} tracing allocates {traced_bytes(impl, models[name], batch)} "
+                  f"bytes of Python memory per node")
+
+
+def traced_bytes(impl, model, batch) -> int:
+    import tracemalloc
+    from dynbatch import api
+    seen = []
+    execute_pending = api.execute_pending
+
+    def at_first_execution(run, targets=None):
+        if not seen:
+            seen.append((tracemalloc.get_traced_memory()[0], len(run.graph.nodes)))
+        return execute_pending(run, targets)
+
+    api.execute_pending = at_first_execution
+    tracemalloc.start()
+    try:
+        impl.losses(model, batch)
+    finally:
+        tracemalloc.stop()
+        api.execute_pending = execute_pending
+    allocated, nodes = seen[0]
+    return round(allocated / nodes)
 
 
 if __name__ == "__main__":

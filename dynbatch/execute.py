@@ -42,35 +42,28 @@ def execute_pending(run, targets=None) -> None:
     nodes = graph.nodes
     start = graph.first_pending
     t0 = time.perf_counter()
+    wanted = None
     if not graph.ragged:
         # every node from first_pending on is pending: schedule them in place, numbered
         # from `start`, and let the scheduler drop what no target needs
         pending = nodes[start:]
-        wanted = None
+        offset = start
+        inputs = [n.inputs for n in pending]
         if targets is not None:
             wanted = [t.id - start for t in targets if t.batch is None and t.id >= start]
-            if not wanted:
-                return
-        if not pending:
-            return
-        batches = schedule(run.strategy, [n.info for n in pending],
-                           [n.inputs for n in pending], [n.depth for n in pending], start,
-                           wanted)
     else:
         # after a partial execution (a read), pending and executed nodes interleave:
         # number the pending ones afresh; the scheduler still drops what no target needs
         pending = [n for n in nodes[start:] if n.batch is None]
+        offset = 0
         local = {n.id: k for k, n in enumerate(pending)}
-        wanted = None
+        inputs = [[local[j] for j in n.inputs if j in local] for n in pending]
         if targets is not None:
             wanted = [local[t.id] for t in targets if t.id in local]
-            if not wanted:
-                return
-        if not pending:
-            return
-        inputs = [[local[j] for j in n.inputs if j in local] for n in pending]
-        batches = schedule(run.strategy, [n.info for n in pending], inputs,
-                           [n.depth for n in pending], 0, wanted)
+    if not pending or wanted == []:
+        return
+    batches = schedule(run.strategy, [n.info for n in pending], inputs,
+                       [n.depth for n in pending], offset, wanted)
     t1 = time.perf_counter()
     stats = run.stats
     stats.schedule_s += t1 - t0

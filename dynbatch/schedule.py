@@ -109,21 +109,21 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
             height[i] = h
     ready: dict[Hashable, list[int]] = {}
     top: dict[Hashable, int] = {}
-    expected = n
-    for i in range(n):
-        if live is not None and not live[i]:
-            expected -= 1
-        elif waiting[i] == 0:
-            sig = signatures[i]
-            if sig in ready:
-                ready[sig].append(i)
-                if height[i] > top[sig]:
-                    top[sig] = height[i]
-            else:
-                ready[sig] = [i]
-                top[sig] = height[i]
+    released = [i for i in range(n) if waiting[i] == 0 and (live is None or live[i])]
     batches: list[Batch] = []
-    while ready:
+    while True:
+        for u in released:
+            sig = signatures[u]
+            members = ready.get(sig)
+            if members is None:
+                ready[sig] = [u]
+                top[sig] = height[u]
+            else:
+                members.append(u)
+                if height[u] > top[sig]:
+                    top[sig] = height[u]
+        if not ready:
+            break
         best = None
         best_key = None
         for sig, members in ready.items():
@@ -133,6 +133,7 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
         members = ready.pop(best)
         del top[best]
         batches.append(Batch(best, tuple(members)))
+        released = []
         for i in members:
             us = users[i]
             if us is None:
@@ -140,14 +141,8 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
             for u in ((us,) if type(us) is int else us):
                 waiting[u] -= 1
                 if waiting[u] == 0 and (live is None or live[u]):
-                    sig = signatures[u]
-                    if sig in ready:
-                        ready[sig].append(u)
-                        if height[u] > top[sig]:
-                            top[sig] = height[u]
-                    else:
-                        ready[sig] = [u]
-                        top[sig] = height[u]
+                    released.append(u)
+    expected = n if live is None else sum(live)
     if sum(len(b.nodes) for b in batches) != expected:
         raise ValueError("agenda_schedule: the graph has a cycle or an input out of range")
     return batches

@@ -158,7 +158,8 @@ def signature_key(fn, args, kwargs, owner):
             key.append(a)
         elif t is list or t is tuple:
             # flat: (type, length, items...) in the key itself, no nested tuple per call;
-            # (h, c) pairs of a cell are the commonest argument of a block
+            # (h, c) pairs of a cell are the commonest argument of a block. The lazy case
+            # repeats the one above inline: a helper call per item would cost more
             key.append(t)
             key.append(len(a))
             for x in a:

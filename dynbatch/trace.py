@@ -25,7 +25,6 @@ from . import infer as _infer
 from . import lazy, rules
 from .errors import (BlockError, MixedRunError, UnsupportedError, raw_site,
                      where)
-from .errors import _internal as _internal_file
 from .errors import _is_internal_file as _internal_files
 from sys import _getframe
 from .graph import Graph, Immediate, Node
@@ -256,8 +255,9 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
     ``inputs`` say where every lazy argument comes from, and every other argument is part
     of the signature, so equal for all its nodes: such a node keeps no ``args``. The first
     node of each signature leaves its args in ``run.templates`` for the executor; the
-    lazy tensors of the rest are freed as soon as the user's code drops them (about a
-    quarter of the memory a recorded per-op node costs: 377 -> 280 bytes, AST per-op)."""
+    lazy tensors of the rest are freed as soon as the user's code drops them: tracing AST
+    per-op code at B=256 allocates 279 bytes a node instead of 363
+    (``benchmarks/time_split.py --profile --task ast --impl dynbatch-agenda --batch 256``)."""
     nodes = run.graph.nodes
     if plain and not run.block_trace:
         templates = run.templates
@@ -402,10 +402,7 @@ def force(lt: LazyTensor) -> Tensor:
     """The real value of a lazy tensor, executing its run's pending work first."""
     node = lt.node
     if node.batch is None:
-        if node.id < 0:
-            _fill_immediates([node])
-        else:
-            force_all([lt])
+        force_all([lt])
     if lt._value is None:
         with _DisableTorchFunction():   # dynbatch's own indexing must not be recorded
             lt._value = node.batch[lt.index][node.row]
@@ -456,12 +453,14 @@ def _warn_serial_reads() -> None:
     global _warned_serial_reads
     if not _warned_serial_reads:
         _warned_serial_reads = True
-        level, frame = 1, _getframe(0)      # name the user's line that read the value
-        while frame.f_back is not None and _internal_file(frame.f_code.co_filename):
-            level, frame = level + 1, frame.f_back
-        warnings.warn("dynbatch: greenlet is not installed, so a value read in per-example "
-                      "code runs that example's work unbatched; pip install greenlet",
-                      RuntimeWarning, stacklevel=level)
+        message = ("dynbatch: greenlet is not installed, so a value read in per-example "
+                   "code runs that example's work unbatched; pip install greenlet")
+        site = raw_site()               # the user's line that read the value
+        if site is None:
+            warnings.warn(message, RuntimeWarning)
+        else:
+            code, line = site
+            warnings.warn_explicit(message, RuntimeWarning, code.co_filename, line)
 
 
 _warned_serial_reads = False

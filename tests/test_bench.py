@@ -123,3 +123,12 @@ def test_time_split_reports_every_phase(tiny_sst: Path, capsys):
     assert "trace" in out and "schedule" in out and "execute" in out
     for name in ("BinaryTreeLSTM.leaf", "BinaryTreeLSTM.node", "BinaryTreeLSTM.node_loss"):
         assert name in out
+    # --profile: ATen time per implementation and the bytes tracing allocates per node
+    from dynbatch import api
+    execute_pending = api.execute_pending
+    mod.main(["--sst-dir", str(tiny_sst), "--batch", "4", "--minibatches", "1", "--profile"])
+    assert api.execute_pending is execute_pending                         # unpatched after
+    out = capsys.readouterr().out
+    assert out.count("ATen self time") == 2
+    per_node = int(out.split("tracing allocates ")[1].split()[0])
+    assert 50 < per_node < 5000, out

@@ -196,8 +196,9 @@ def test_without_greenlet_reads_stay_exact_and_say_they_run_serially(monkeypatch
     monkeypatch.setattr(trace, "_warned_serial_reads", False)
     dec = make_decoder()
     examples = [(h, 2 + i % 6) for i, h in enumerate(vectors(6, scale=2.0))]
-    with pytest.warns(RuntimeWarning, match="greenlet is not installed"):
+    with pytest.warns(RuntimeWarning, match="greenlet is not installed") as caught:
         assert_matches_eager(greedy, examples, dec, atol=ATOL, rtol=RTOL)
+    assert caught[0].filename == __file__, "the warning names the user's line that read"
     assert db.stats().rounds == 0
     assert_clean_state()
 
