@@ -124,6 +124,25 @@ def test_plain_nodes_free_their_lazy_tensors_while_recording():
         assert torch.allclose(out, _eager_chain(x))
 
 
+def test_plain_node_templates_hold_no_lazy_tensors():
+    # A template's lazy tensors would keep their nodes, and through them whole batch
+    # outputs, alive until the run ends; the executor fills those places itself.
+    seen = []
+
+    def chain(x):
+        x = torch.tanh(x) * 0.5 + x
+        run = trace.current_run()
+        seen.extend(a for args in run.templates.values() for a in args)
+        return x.sum()
+
+    xs = [torch.randn(3) for _ in range(2)]
+    outs = db.batched(chain)(xs)
+    assert len(seen) >= 4 and 0.5 in seen
+    assert not any(type(a) is lazy.LazyTensor for a in seen)
+    for x, out in zip(xs, outs):
+        assert torch.allclose(out, (torch.tanh(x) * 0.5 + x).sum())
+
+
 def _eager_chain(x):
     for _ in range(50):
         x = torch.tanh(x) * 0.5 + x
