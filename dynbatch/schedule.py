@@ -96,17 +96,38 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
         live = bytearray(n)
         for t in targets:
             live[t] = 1
-    for i in range(n - 1, -1, -1):
-        us = users[i]
-        if us is not None:
-            h = 0
-            for u in ((us,) if type(us) is int else us):
-                if live is None or live[u]:
+    # Two sweeps, without and with liveness, so that the common case tests nothing per
+    # user; a node with one user (the commonest) is an int in ``users``: no inner loop.
+    if live is None:
+        for i in range(n - 1, -1, -1):
+            us = users[i]
+            if us is None:
+                continue
+            if type(us) is int:
+                height[i] = height[us] + 1
+            else:
+                h = 0
+                for u in us:
                     if height[u] >= h:
                         h = height[u] + 1
-                    if live is not None:
+                height[i] = h
+    else:
+        for i in range(n - 1, -1, -1):
+            us = users[i]
+            if us is None:
+                continue
+            if type(us) is int:
+                if live[us]:
+                    height[i] = height[us] + 1
+                    live[i] = 1
+            else:
+                h = 0
+                for u in us:
+                    if live[u]:
+                        if height[u] >= h:
+                            h = height[u] + 1
                         live[i] = 1
-            height[i] = h
+                height[i] = h
     ready: dict[Hashable, list[int]] = {}
     top: dict[Hashable, int] = {}
     released = [i for i in range(n) if waiting[i] == 0 and (live is None or live[i])]
@@ -125,11 +146,11 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
         if not ready:
             break
         best = None
-        best_key = None
+        best_top = best_size = -1
         for sig, members in ready.items():
-            key = (top[sig], len(members))
-            if best_key is None or key > best_key:
-                best, best_key = sig, key
+            t = top[sig]
+            if t > best_top or (t == best_top and len(members) > best_size):
+                best, best_top, best_size = sig, t, len(members)
         members = ready.pop(best)
         del top[best]
         batches.append(Batch(best, tuple(members)))
@@ -138,9 +159,16 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
             us = users[i]
             if us is None:
                 continue
-            for u in ((us,) if type(us) is int else us):
-                waiting[u] -= 1
-                if waiting[u] == 0 and (live is None or live[u]):
+            if type(us) is int:
+                left = waiting[us] - 1
+                waiting[us] = left
+                if left == 0 and (live is None or live[us]):
+                    released.append(us)
+                continue
+            for u in us:
+                left = waiting[u] - 1
+                waiting[u] = left
+                if left == 0 and (live is None or live[u]):
                     released.append(u)
     expected = n if live is None else sum(live)
     if sum(len(b.nodes) for b in batches) != expected:
