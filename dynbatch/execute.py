@@ -18,7 +18,7 @@ import torch
 
 from . import rules, specialize
 from .errors import ExecuteError, where
-from .graph import Node
+from .graph import Immediate, Node
 from .lazy import LazyTensor
 from .schedule import schedule
 from .signature import CONST, autograd_mode
@@ -215,6 +215,8 @@ def _bulk(nodes, direct) -> Tensor:
 
 def value_of(lt) -> Tensor:
     node = lt.node
+    if node.batch is None:      # an immediate that a batch gathered as values only
+        fill_immediates([node])
     return node.batch[lt.index][node.row]
 
 
@@ -230,6 +232,10 @@ def gather(column, memo=None) -> Tensor:
     first = column[0]
     if type(first) is LazyTensor:
         index = first.index
+        if type(first.node) is Immediate and first.node.batch is None:
+            values = _fresh_immediate_values(column)
+            if values is not None:        # word ids, labels: one tensor, no bookkeeping
+                return _scalar_tensor(values, first.node)
     for lt in column:
         if type(lt) is Node:                    # a plain node's input: its first output
             if index:
@@ -285,15 +291,32 @@ def fill_immediates(nodes) -> None:
             fresh.append(node)
     if not fresh:
         return
-    _, dtype, device = fresh[0].info.outputs[0]
-    values = [n.args[0] for n in fresh]
-    if torch.is_inference_mode_enabled() and not fresh[0].owner.inference:
-        with torch.inference_mode(False):   # grad-mode batches may read it later
-            out = (_torch_tensor(values, dtype=dtype, device=device),)
-    else:
-        out = (_torch_tensor(values, dtype=dtype, device=device),)
+    out = (_scalar_tensor([n.args[0] for n in fresh], fresh[0]),)
     for node in fresh:
         node.batch = out
+
+
+def _fresh_immediate_values(column):
+    """The Python values of a column made only of unfilled immediates, else None. Such a
+    column (a batch's word ids or labels) needs no rows recorded: nothing else reads them
+    as rows of this tensor, and a second reader builds its own."""
+    values = []
+    for lt in column:
+        if type(lt) is not LazyTensor:
+            return None
+        node = lt.node
+        if type(node) is not Immediate or node.batch is not None:
+            return None
+        values.append(node.args[0])
+    return values
+
+
+def _scalar_tensor(values, immediate) -> Tensor:
+    _, dtype, device = immediate.info.outputs[0]
+    if torch.is_inference_mode_enabled() and not immediate.owner.inference:
+        with torch.inference_mode(False):   # grad-mode batches may read it later
+            return _torch_tensor(values, dtype=dtype, device=device)
+    return _torch_tensor(values, dtype=dtype, device=device)
 
 
 def _plan_rows(batch, index, rows):

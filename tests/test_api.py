@@ -705,3 +705,26 @@ def test_stack_and_cat_of_many_members_gather_in_bulk(op, dim, monkeypatch):
         return getattr(torch, op)(xs, dim=dim).sin()
     assert_matches_eager(fn, [1, 2, 3], W, atol=ATOL, rtol=RTOL)
     assert calls, "the bulk path was not taken"
+
+
+def test_an_immediate_read_by_several_batches_and_returned():
+    # A column of fresh immediates (word ids, labels) becomes one tensor without rows
+    # recorded; a second reader builds its own, and one returned as a result still has
+    # its value.
+    emb = nn.Embedding(10, 3)
+
+    def f(i):
+        t = torch.tensor(i)
+        return emb(t) * 2, t * 3, t
+
+    ids = [4, 0, 7, 4]
+    outs = db.batched(f)(ids)
+    assert db.stats().batches <= 4
+    torch.stack([e for e, _, _ in outs]).sum().backward()
+    grad, emb.weight.grad = emb.weight.grad, None
+    for i, (e, tripled, t) in zip(ids, outs):
+        want = f(i)
+        torch.testing.assert_close(e, want[0])
+        assert tripled.item() == 3 * i and t.item() == i and t.dtype == torch.int64
+    torch.stack([f(i)[0] for i in ids]).sum().backward()
+    torch.testing.assert_close(grad, emb.weight.grad)
