@@ -19,8 +19,13 @@ Method, in one place:
 * Peak memory: the resident high-water mark (VmHWM) of a fresh interpreter per (task,
   implementation) that loads the same data and weights, builds the implementation, runs one
   training step on one example (the base: library code paged in, parameters, Adam state,
-  DyNet's pool; the high-water mark is then lowered to it, ``reset_peak_rss``), then one
-  training step at each memory size, ascending. The worker runs with glibc's mmap
+  DyNet's pool; the high-water mark is then lowered to it, ``reset_peak_rss``), then
+  ``memory_steps`` training steps on distinct minibatches at each memory size, ascending:
+  the peak after the first step, and after the last. The second is what training holds
+  once the allocators keep what earlier steps left them: over 16 steps at B=64, per-op
+  SST's peak over the base rose from 40.7 to 58.7 MB (55.7 after 8; level from the 11th),
+  hand-batched's from 21.8 to 28.2, the blocks form's from 29.7 to 33.4.
+  The worker runs with glibc's mmap
   threshold fixed (``MALLOC_MMAP_THRESHOLD_``): left dynamic, it rises after the first
   large free, and whether later tensors land on the heap (and stay resident once freed)
   then depends on allocation history. Hand-batched's AST Δ at B=64 ranged 19-45 MB over
@@ -79,6 +84,7 @@ LABELS = {
 DEFAULT_SIZES = (1, 16, 64, 256)
 DEFAULT_THREADS = (1, 2)
 MEMORY_SIZES = (64, 256)
+MEMORY_STEPS = 8        # training steps per memory size (distinct minibatches)
 LR = 1e-3
 EAGER_MEMORY_MAX = 64  # largest minibatch at which eager's peak memory is measured
 # float32 agreement tolerances: losses relative, outputs absolute, gradients relative to the
@@ -99,6 +105,7 @@ class Config:
     memory_sizes: tuple = MEMORY_SIZES
     memory_impls: tuple = IMPLS
     memory_tasks: tuple = T.TASKS
+    memory_steps: int = MEMORY_STEPS
     sst_dir: str = ""
     tiny: bool = False
     quick: bool = False
@@ -505,12 +512,15 @@ def memory_worker(spec_path: str) -> None:
     base = peak_rss_mb()
     out = {"impl": spec["impl"], "task": task.name, "base_mb": base, "before_mb": before,
            "peak_reset": reset, "sizes": {}}
+    steps = spec.get("steps", 1)
     for B in spec["sizes"]:
-        mb = T.minibatches(task.examples, B, 1)[0]
-        gc.collect()
-        t0 = time.perf_counter()
-        runner.train_step(mb)
-        out["sizes"][str(B)] = {"peak_mb": peak_rss_mb(), "step_s": time.perf_counter() - t0}
+        for k, mb in enumerate(T.minibatches(task.examples, B, steps)):
+            gc.collect()
+            t0 = time.perf_counter()
+            runner.train_step(mb)
+            if k == 0:
+                first = {"peak_mb": peak_rss_mb(), "step_s": time.perf_counter() - t0}
+        out["sizes"][str(B)] = {**first, "steps": steps, "steady_peak_mb": peak_rss_mb()}
     print("MEMORY " + json.dumps(out), flush=True)
 
 
@@ -520,7 +530,7 @@ MEMORY_WORKER_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def measure_memory(task: T.TaskData, names: list[str], sizes: list[int], workdir: Path,
-                   data: Path) -> list[dict]:
+                   data: Path, steps: int = 1) -> list[dict]:
     rows = []
     for name in names:
         spec = workdir / f"{task.name}-{name}.json"
@@ -528,7 +538,9 @@ def measure_memory(task: T.TaskData, names: list[str], sizes: list[int], workdir
         todo = [b for b in sizes if b <= EAGER_MEMORY_MAX] if name == "eager" else sizes
         if not todo:
             continue
-        spec.write_text(json.dumps({"data": str(data), "impl": name, "sizes": todo}))
+        # eager's steps take a minute or more: one each
+        spec.write_text(json.dumps({"data": str(data), "impl": name, "sizes": todo,
+                                    "steps": 1 if name == "eager" else steps}))
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(SCRIPT), "--memory-worker", str(spec)],
                               capture_output=True, text=True, cwd=ROOT,
@@ -546,9 +558,15 @@ def measure_memory(task: T.TaskData, names: list[str], sizes: list[int], workdir
             rows.append({"task": task.name, "impl": name, "batch": int(B),
                          "base_mb": res["base_mb"], "before_mb": res["before_mb"],
                          "peak_mb": v["peak_mb"],
-                         "delta_mb": v["peak_mb"] - res["base_mb"]})
+                         "delta_mb": v["peak_mb"] - res["base_mb"],
+                         "steps": v.get("steps", 1),
+                         "steady_delta_mb": v.get("steady_peak_mb", v["peak_mb"])
+                         - res["base_mb"]})
         log(f"  memory {name:24s} base {res['base_mb']:.0f} MB, peak "
-            + ", ".join(f"B={B}: {v['peak_mb']:.0f} MB" for B, v in res["sizes"].items())
+            + ", ".join(f"B={B}: {v['peak_mb']:.0f} MB"
+                        + (f" ({v['steady_peak_mb']:.0f} after {v['steps']} steps)"
+                           if v.get("steps", 1) > 1 else "")
+                        for B, v in res["sizes"].items())
             + f" ({time.perf_counter() - t0:.0f} s)")
     return rows
 
@@ -712,7 +730,7 @@ def run(cfg: Config) -> dict:
                 log(f"task {task.name}: peak memory, one process per implementation, "
                     f"B={mem_sizes}")
                 result["memory"].extend(measure_memory(task, mem_names, mem_sizes, workdir,
-                                                       data_path))
+                                                       data_path, cfg.memory_steps))
     finally:
         for p in workdir.iterdir():
             p.unlink()

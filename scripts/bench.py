@@ -71,6 +71,10 @@ def parse_args(argv):
                     help="implementations measured for memory (default: all that run)")
     ap.add_argument("--memory-tasks", type=_list(str, TASKS),
                     help="tasks measured for memory (default: all that run)")
+    ap.add_argument("--memory-steps", type=int,
+                    help="training steps per memory size, on distinct minibatches (default "
+                         f"{H.MEMORY_STEPS}; --quick 3, --tiny 2): the peak after the first "
+                         "and after the last")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     ap.add_argument("--quick", action="store_true",
                     help="sst128 only, B=64, 1 thread, 3 rounds, first 256 trees, memory for "
@@ -99,10 +103,11 @@ def config(args, argv):
         cfg.tasks, cfg.sizes, cfg.threads, cfg.memory_sizes = ("sst128",), (64,), (1,), (64,)
         cfg.limit, cfg.quick = 256, True
         cfg.memory_impls = ("hand", "dynbatch-agenda", "dynbatch-blocks-agenda")
+        cfg.memory_steps = 3
     if args.tiny:
-        cfg.tiny, cfg.limit = True, 24
+        cfg.tiny, cfg.limit, cfg.memory_steps = True, 24, 2
     for name in ("tasks", "impls", "sizes", "threads", "repeats", "limit", "memory_sizes",
-                 "memory_impls", "memory_tasks"):
+                 "memory_impls", "memory_tasks", "memory_steps"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.no_memory:

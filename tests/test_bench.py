@@ -82,13 +82,17 @@ def test_quick_tiny_run_agrees_and_writes_outputs(tmp_path: Path, tiny_sst: Path
             assert r["train_eps"] > 0 and r["infer_eps"] > 0
     # One fresh process (the slow part of this test): hand-batched on sst128.
     assert [(m["task"], m["impl"]) for m in result["memory"]] == [("sst128", "hand")]
-    assert result["memory"][0]["peak_mb"] > 0
+    memory = result["memory"][0]
+    assert memory["peak_mb"] > 0 and memory["steps"] == 2     # --tiny: two steps a size
+    # the high-water mark only rises: the peak after the last step is at least the first's
+    assert memory["steady_delta_mb"] >= memory["delta_mb"]
     # dynbatch rows carry the engine's own counters.
     row = next(r for r in result["results"] if r["impl"] == "dynbatch-blocks-agenda")
     assert row["train_stats"]["batches"] >= 1 and "trace_s" in row["train_stats"]
 
     md = (out / "BENCHMARKS.md").read_text()
     assert "## Headline" in md and "## Peak memory" in md and "--tiny" in md
+    assert "Δ over 2 steps" in md
     try:
         import matplotlib  # noqa: F401
         assert (out / "speedup.png").stat().st_size > 0
