@@ -24,12 +24,11 @@ Method, in one place:
   the peak after the first step, and after the last. The second is what training holds
   once the allocators keep what earlier steps left them: over 16 steps at B=64, per-op
   SST's peak over the base rose from 40.7 to 58.7 MB (55.7 after 8; level from the 11th),
-  hand-batched's from 21.8 to 28.2, the blocks form's from 29.7 to 33.4.
-  The worker runs with glibc's mmap
-  threshold fixed (``MALLOC_MMAP_THRESHOLD_``): left dynamic, it rises after the first
-  large free, and whether later tensors land on the heap (and stay resident once freed)
-  then depends on allocation history. Hand-batched's AST Δ at B=64 ranged 19-45 MB over
-  three identical processes; with both measures, 20.2-20.4 MB.
+  hand-batched's from 21.8 to 28.2, the blocks form's from 29.7 to 33.4. The worker runs
+  with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``): left dynamic, it rises
+  after the first large free, and whether later tensors land on the heap (and stay
+  resident once freed) then depends on allocation history. Hand-batched's AST Δ at B=64
+  ranged 19-45 MB over three identical processes; with both measures, 20.2-20.4 MB.
 * DyNet runs in a child process of its own (``ProcessRunner``), driven round by round from
   the same interleaved loop: importing it slows PyTorch at 2 threads 10-50x in-process.
 """

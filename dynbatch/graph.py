@@ -55,7 +55,9 @@ class Immediate:
     no inputs and nothing to schedule, so it takes no part in scheduling; the nodes that
     read it list the id -1 among their inputs (ignored as "already computed"). Its value
     is made when a batch first gathers it: one ``torch.tensor`` for every immediate of
-    that gather (execute.fill_immediates). Inside a block's body trace, constants stay
+    that gather (execute.fill_immediates); a column of nothing but such fresh immediates
+    (a batch's word ids, its labels) becomes that tensor without the immediates keeping
+    rows in it, and a later reader fills its own. Inside a block's body trace, constants stay
     ordinary nodes (the body compiler names values by node id)."""
 
     __slots__ = ("args", "info", "example", "owner", "batch", "row")

@@ -112,6 +112,8 @@ def config(args, argv):
             setattr(cfg, name, getattr(args, name))
     if args.no_memory:
         cfg.memory_sizes = ()
+    if cfg.memory_steps < 1:
+        sys.exit("--memory-steps must be at least 1")
     cfg.examples, cfg.eager_examples = args.examples, args.eager_examples
     cfg.sst_dir = str(args.sst_dir or os.environ.get("DYNBATCH_SST_DIR")
                       or (ROOT.parent / "shared" / "data" / "sst"))
