@@ -22,9 +22,10 @@ Method, in one place:
   DyNet's pool; the high-water mark is then lowered to it, ``reset_peak_rss``), then
   ``memory_steps`` training steps on distinct minibatches at each memory size, ascending:
   the peak after the first step, and after the last. The second is what training holds
-  once the allocators keep what earlier steps left them: over 16 steps at B=64, per-op
-  SST's peak over the base rose from 40.7 to 58.7 MB (55.7 after 8; level from the 11th),
-  hand-batched's from 21.8 to 28.2, the blocks form's from 29.7 to 33.4. The worker runs
+  once the allocators keep what earlier steps left them. Over 16 steps at SST B=64
+  (``scripts/bench.py --tasks sst128 --impls hand,dynbatch-agenda,dynbatch-blocks-agenda
+  --sizes 64 --threads 1 --repeats 1 --memory-steps 16``) the Δ rose from 40.4 to 57.7 MB
+  per-op, from 21.9 to 29.2 hand-batched and from 29.3 to 33.9 with blocks. The worker runs
   with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``): left dynamic, it rises
   after the first large free, and whether later tensors land on the heap (and stay
   resident once freed) then depends on allocation history. Hand-batched's AST Δ at B=64

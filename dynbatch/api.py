@@ -233,7 +233,7 @@ def _close(run, counters) -> None:
     stats.rounds = run.rounds
     run.graph = None          # the nodes point at the run; dropping the graph frees them
     run.local_signatures = None
-    run.templates = None      # their lazy tensors hold executed nodes' outputs
+    run.templates = None
     if not run.failed:
         profile.publish(stats)
 

@@ -254,16 +254,17 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
     ``f(x, 2.0)`` on first outputs of earlier nodes (``plain``, from signature_key). Their
     ``inputs`` say where every lazy argument comes from, and every other argument is part
     of the signature, so equal for all its nodes: such a node keeps no ``args``. The first
-    node of each signature leaves its other args in ``run.templates`` for the executor; the
-    lazy tensors of the rest are freed as soon as the user's code drops them: tracing AST
-    per-op code at B=256 allocates 279 bytes a node instead of 363
-    (``benchmarks/time_split.py --profile --task ast --impl dynbatch-agenda --batch 256``)."""
+    node of each signature leaves its arguments, lazy tensors blanked, in
+    ``run.templates`` for the executor; every lazy tensor is freed as soon as the user's
+    code drops it: tracing AST per-op code at B=256 allocates 279 bytes a node instead of
+    363 (``benchmarks/time_split.py --profile --task ast --impl dynbatch-agenda --batch
+    256``)."""
     nodes = run.graph.nodes
     if plain and not run.block_trace:
         templates = run.templates
         if info not in templates:
-            # without its lazy tensors, which would keep their nodes' batch outputs alive
-            # until the run ends (the executor fills these places: NOTE [release])
+            # lazy tensors blanked: they would keep their nodes' batch outputs alive until
+            # the run ends, and the executor fills those places from ``inputs``
             templates[info] = tuple(None if type(a) is LazyTensor else a for a in args)
         args = None
     # the user's line: inline for the common case (the recorder's caller's caller is theirs)
