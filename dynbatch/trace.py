@@ -23,8 +23,8 @@ from torch.utils._device import _device_constructors
 
 from . import infer as _infer
 from . import lazy, rules
-from .errors import (BlockError, MixedRunError, UnsupportedError, raw_site,
-                     where)
+from .errors import (BlockError, MixedRunError, UnsupportedError, line_of,
+                     raw_site, where)
 from .errors import _is_internal_file as _internal_files
 from sys import _getframe
 from .graph import Graph, Immediate, Node
@@ -243,8 +243,15 @@ def record(fn, args, kwargs):
     return append_node(run, fn, args, kwargs, info, inputs, depth, plain)
 
 
-_SITES: dict = {}            # (id(code), line) -> (code, line); the value keeps code alive
+_SITES: dict = {}            # (id(code), offset) -> (code, offset); the value keeps code alive
 _SITES_LIMIT = 100_000
+
+
+def remember_site(where_key, code):
+    if len(_SITES) > _SITES_LIMIT:
+        _SITES.clear()
+    site = _SITES[where_key] = (code, where_key[1])
+    return site
 
 
 def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
@@ -274,13 +281,11 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
         frame = frame.f_back        # through a hot-function wrapper: one frame more
         code = frame.f_code if frame is not None else None
     if code is not None and _internal_files.get(code.co_filename) is False:
-        # one shared (code, line) tuple per site, not one per node (56 bytes each)
-        where_key = (id(code), frame.f_lineno)
+        # one shared (code, offset) tuple per site, not one per node (56 bytes each)
+        where_key = (id(code), frame.f_lasti)
         site = _SITES.get(where_key)
         if site is None:
-            if len(_SITES) > _SITES_LIMIT:
-                _SITES.clear()
-            site = _SITES[where_key] = (code, where_key[1])
+            site = remember_site(where_key, code)
     else:
         site = raw_site(5)
     # kwargs or None: a call with no keywords still brings a fresh empty dict (64 bytes)
@@ -462,8 +467,9 @@ def _warn_serial_reads() -> None:
         if site is None:
             warnings.warn(message, RuntimeWarning)
         else:
-            code, line = site
-            warnings.warn_explicit(message, RuntimeWarning, code.co_filename, line)
+            code, offset = site
+            warnings.warn_explicit(message, RuntimeWarning, code.co_filename,
+                                   line_of(code, offset))
 
 
 _warned_serial_reads = False

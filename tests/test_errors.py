@@ -157,6 +157,38 @@ def test_execution_error_in_plain_nodes_names_example_and_line(strategy):
     assert torch.allclose(out[1], factor(3 * good))
 
 
+@db.block
+def lookup_block(i):
+    return TABLE[i] * 2
+
+
+EMBED = nn.Embedding(5, 3)
+
+
+def call_blocks(i):
+    x = lookup_block(  # <-block-call
+        torch.tensor(i))
+    return x + EMBED(torch.tensor(i))  # <-module-block-call
+
+
+@pytest.mark.parametrize("strategy", ["agenda", "depth"])
+@pytest.mark.parametrize("which", ["function", "module"])
+def test_execution_error_in_a_block_names_the_line_that_called_it(strategy, which):
+    # a block node keeps the line of its call (a call spanning two lines: its first); a
+    # module block fails first when the function block is given a good index
+    if which == "module":
+        global TABLE
+        table, TABLE = TABLE, torch.randn(10, 3)
+    try:
+        with failing_run(ExecuteError) as info:
+            db.batched(call_blocks, strategy=strategy)([0, 1, 7, 2])
+    finally:
+        if which == "module":
+            TABLE = table
+    assert_names(str(info.value), 2, "block-call" if which == "function"
+                 else "module-block-call")
+
+
 @pytest.mark.parametrize("read", [False, True], ids=["at-exit", "at-a-read"])
 def test_execution_error_in_the_scope_names_the_line(read):
     # no example index in the scope form: the message says so, and still names the line
