@@ -270,10 +270,26 @@ def _plan(nodes):
     rows = []
     for node in nodes:
         if node.batch is not batch:
-            fill_immediates(nodes)
-            return _plan_sources([(n.batch, None, n.row) for n in nodes])
+            return _plan_nodes(nodes)
         rows.append(node.row)
     return _plan_rows(batch, None, rows)
+
+
+def _plan_nodes(nodes):
+    """``_plan_sources`` for first outputs, grouping the nodes as they come: no tuple per
+    node and no second pass (a Tree-LSTM's children lie in many earlier batches)."""
+    groups: dict = {}
+    for pos, node in enumerate(nodes):
+        batch = node.batch
+        if batch is None:           # an immediate: fill every one of them at once
+            fill_immediates(nodes)
+            batch = node.batch
+        group = groups.get(id(batch))
+        if group is None:
+            groups[id(batch)] = group = (batch, None, [], [])
+        group[2].append(pos)
+        group[3].append(node.row)
+    return _plan_groups(groups)
 
 
 _FILLING = ()
@@ -339,6 +355,11 @@ def _plan_sources(sources):
             groups[key] = group = (batch, index, [], [])
         group[2].append(pos)
         group[3].append(row)
+    return _plan_groups(groups)
+
+
+def _plan_groups(groups):
+    """The plan for rows grouped by source: {key: (batch, index, positions, rows)}."""
     if len(groups) == 1:
         batch, index, _, rows = next(iter(groups.values()))
         return _plan_rows(batch, index, rows)
@@ -352,7 +373,7 @@ def _plan_sources(sources):
     inverse = [0] * len(order)
     for k, pos in enumerate(order):
         inverse[pos] = k
-    return (_MANY, parts, torch.tensor(inverse, device=sources[0][0][0].device))
+    return (_MANY, parts, torch.tensor(inverse, device=parts[0][1][0].device))
 
 
 def _apply(plan, index) -> Tensor:
