@@ -13,6 +13,7 @@ import contextlib
 import os
 import time
 import warnings
+from array import array as _array
 
 import torch
 
@@ -329,10 +330,26 @@ def _fresh_immediate_values(column):
 
 def _scalar_tensor(values, immediate) -> Tensor:
     _, dtype, device = immediate.info.outputs[0]
+    make = _long_tensor if dtype is torch.int64 else _torch_tensor
     if torch.is_inference_mode_enabled() and not immediate.owner.inference:
         with torch.inference_mode(False):   # grad-mode batches may read it later
-            return _torch_tensor(values, dtype=dtype, device=device)
-    return _torch_tensor(values, dtype=dtype, device=device)
+            return make(values, dtype=dtype, device=device)
+    return make(values, dtype=dtype, device=device)
+
+
+def _long_tensor(values, dtype=torch.int64, device=None) -> Tensor:
+    """``torch.tensor(values, dtype=torch.int64)`` for a list of Python ints, in a fraction
+    of the time: torch.tensor converts the list element by element (75 us for 1,000 ints,
+    276 us if it must also infer the dtype), ``array('q')`` in one C loop (22 us). Row
+    indices of gathers, word ids and labels are such lists."""
+    try:
+        flat = _array("q", values)
+    except (TypeError, OverflowError):      # not all ints: torch converts, or says why
+        return _torch_tensor(values, dtype=dtype, device=device)
+    if not flat:
+        return _torch_tensor(values, dtype=dtype, device=device)
+    out = torch.frombuffer(flat, dtype=torch.int64)     # shares (and keeps) the array
+    return out if device is None or device.type == "cpu" else out.to(device)
 
 
 def _plan_rows(batch, index, rows):
@@ -341,7 +358,7 @@ def _plan_rows(batch, index, rows):
     if rows[-1] - r0 == n - 1 and rows == list(range(r0, r0 + n)):
         return (_SLICE, batch, index, r0, n)
     # index_select, not stack: the rows live in one tensor, so one gather kernel
-    return (_INDEX, batch, index, torch.tensor(rows, device=batch[0].device))
+    return (_INDEX, batch, index, _long_tensor(rows, device=batch[0].device))
 
 
 def _plan_sources(sources):
@@ -373,7 +390,7 @@ def _plan_groups(groups):
     inverse = [0] * len(order)
     for k, pos in enumerate(order):
         inverse[pos] = k
-    return (_MANY, parts, torch.tensor(inverse, device=parts[0][1][0].device))
+    return (_MANY, parts, _long_tensor(inverse, device=parts[0][1][0].device))
 
 
 def _apply(plan, index) -> Tensor:

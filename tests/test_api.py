@@ -532,6 +532,24 @@ def _mixer(m, pair, x, scale, name="mix"):
     return m(h) * scale + c + x
 
 
+@pytest.mark.parametrize("values", [[3], [1, -2, 7], [True, 3], [2 ** 62, -(2 ** 63)], [2.5, 1],
+                                    list(range(1000))])
+def test_index_and_word_id_tensors_equal_torch_tensor(values):
+    from dynbatch.execute import _long_tensor
+    got = _long_tensor(values, device=torch.device("cpu"))
+    want = torch.tensor(values, dtype=torch.int64)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
+def test_index_tensor_of_an_int_too_large_fails_as_torch_does():
+    from dynbatch.execute import _long_tensor
+    with pytest.raises(Exception) as ours:
+        _long_tensor([2 ** 64])
+    with pytest.raises(Exception) as theirs:
+        torch.tensor([2 ** 64], dtype=torch.int64)
+    assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+
+
 def test_block_calls_are_keyed_as_signature_key_keys_them():
     # NOTE [block calls]: the block path builds its keys inline; a key of another shape
     # would split one signature in two (or, worse, merge two)
