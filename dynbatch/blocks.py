@@ -132,6 +132,7 @@ def record_block(fn, args, kwargs):
     key = [fn, 2 if _is_inference() else 1 if _is_grad_enabled() else 0]
     inputs = []
     depth = -1
+    lists = False
     for a in args:
         t = type(a)
         if t is LazyTensor:
@@ -143,6 +144,7 @@ def record_block(fn, args, kwargs):
                 depth = node.depth
             key.append(a.tkey)
         elif t is tuple or t is list:
+            lists = lists or t is list
             key.append(t)
             key.append(len(a))
             for x in a:
@@ -179,6 +181,8 @@ def record_block(fn, args, kwargs):
             site = trace.remember_site(where_key, code)
     else:
         site = raw_site(3)
+    if lists:       # the user may change their list before the node runs
+        args = trace.snapshot(args)
     nodes = run.graph.nodes
     node = Node(len(nodes), fn, args, None, info, inputs, depth + 1, run.example, site, run)
     nodes.append(node)

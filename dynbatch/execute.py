@@ -24,6 +24,7 @@ from .lazy import LazyTensor
 from .schedule import schedule
 from .signature import CONST, autograd_mode
 from .infer import BULK_STACK
+from .fusion import SEGMENT_SUM
 
 Tensor = torch.Tensor
 _DisableTorchFunction = torch._C.DisableTorchFunction
@@ -137,7 +138,8 @@ def run_batch(nodes, info) -> None:
         first = nodes[0]
         direct = info.direct
         if direct is not None and type(direct[0]) is str:
-            _store(nodes, (_bulk(nodes, direct),))
+            run = _segment_sum if direct[0] is SEGMENT_SUM else _bulk
+            _store(nodes, (run(nodes, direct),))
             return
         template = first.args
         if template is None:                 # a plain node (NOTE [plain nodes])
@@ -212,6 +214,19 @@ def _bulk(nodes, direct) -> Tensor:
     x = x.movedim(1, 1 + dim)                                  # [B, ..., k, m_dim, ...]
     shape = list(x.shape)
     return x.reshape(*shape[:1 + dim], shape[1 + dim] * shape[2 + dim], *shape[3 + dim:])
+
+
+def _segment_sum(nodes, direct) -> Tensor:
+    """A batch of ``stacked_sum`` nodes (NOTE [stacked sums] in fusion.py): every member
+    of every node in one gather, then one ``index_add`` into the node's row."""
+    counts = [len(n.args[0]) for n in nodes]
+    rows = gather([x for n in nodes for x in n.args[0]])
+    owner = _long_tensor([k for k, count in enumerate(counts) for _ in range(count)],
+                         device=rows.device)
+    out = rows.new_zeros((len(nodes),) + rows.shape[1:]).index_add(0, owner, rows)
+    if direct[1] and out.dim() > 1:        # sum over all dims: each node's row to a scalar
+        out = out.sum(tuple(range(1, out.dim())))
+    return out
 
 
 def value_of(lt) -> Tensor:

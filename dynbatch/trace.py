@@ -8,7 +8,8 @@ reached from outside (parameters, buffers, tables) is shared and passed to batch
 as is.
 
 ``record(fn, args, kwargs)`` is the hot path: one signature key, one dict lookup, one Node.
-What a new key needs (output shapes, rule) is worked out once, in infer.py. The run's
+What a new key needs (output shapes, rule) is worked out once, in infer.py; a sum of a
+stack is recorded as one rewritten node (NOTE [stacked sums] in fusion.py). The run's
 TorchFunctionMode, and the wrappers of the hottest torch functions, send every torch call
 made by the traced code here.
 """
@@ -26,6 +27,7 @@ from . import lazy, rules
 from .errors import (BlockError, MixedRunError, UnsupportedError, line_of,
                      raw_site, where)
 from .errors import _is_internal_file as _internal_files
+from .fusion import match_stacked_sum, stacked_sum
 from sys import _getframe
 from .graph import Graph, Immediate, Node
 from .lazy import LazyTensor, map_lazy
@@ -229,6 +231,11 @@ def record(fn, args, kwargs):
     run = _current
     if run is None:
         return _outside_run(fn, args, kwargs)
+    if (fn is _tensor_sum or fn is _torch_sum) and not run.block_trace:
+        fused = match_stacked_sum(run, args, kwargs)     # NOTE [stacked sums]
+        if fused is not None:
+            args, info, inputs, depth = fused
+            return append_node(run, stacked_sum, args, None, info, inputs, depth, False)
     key, inputs, depth, plain = signature_key(fn, args, kwargs, run)
     if not inputs:
         return _eager_constant(run, fn, args, kwargs)
@@ -243,8 +250,21 @@ def record(fn, args, kwargs):
     return append_node(run, fn, args, kwargs, info, inputs, depth, plain)
 
 
+_tensor_sum, _torch_sum = Tensor.sum, torch.sum
 _SITES: dict = {}            # (id(code), offset) -> (code, offset); the value keeps code alive
 _SITES_LIMIT = 100_000
+
+
+def snapshot(value):
+    """``value`` with every list in it copied. A node reads its arguments when it runs,
+    later; the user's own list may have changed by then (``history.append(h)`` after
+    ``torch.stack(history)``)."""
+    t = type(value)
+    if t is list:
+        return [snapshot(x) for x in value]
+    if t is tuple and any(type(x) is list or type(x) is tuple for x in value):
+        return tuple(snapshot(x) for x in value)
+    return value
 
 
 def remember_site(where_key, code):
@@ -274,6 +294,13 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
             # the run ends, and the executor fills those places from ``inputs``
             templates[info] = tuple(None if type(a) is LazyTensor else a for a in args)
         args = None
+    else:
+        for a in args:
+            if type(a) is list:
+                args = snapshot(args)
+                break
+        if kwargs and any(type(v) is list for v in kwargs.values()):
+            kwargs = {k: snapshot(v) for k, v in kwargs.items()}
     # the user's line: inline for the common case (the recorder's caller's caller is theirs)
     frame = _getframe(3)
     code = frame.f_code
