@@ -83,4 +83,5 @@ def match_stacked_sum(run, args, kwargs):
             OP, stacked_sum, outputs=((shape, tkey[1], tkey[2]),), grad=mode,
             name="stack(...).sum()" if all_dims else "stack(...).sum(0)")
         info.direct = (SEGMENT_SUM, all_dims)
-    return (list(xs), all_dims), info, stack.inputs, stack.depth - 1
+    # xs is the stack's own copy (trace.snapshot), not the user's list: share it
+    return (xs, all_dims), info, stack.inputs, stack.depth - 1
