@@ -138,8 +138,8 @@ def run_batch(nodes, info) -> None:
         first = nodes[0]
         direct = info.direct
         if direct is not None and type(direct[0]) is str:
-            run = _segment_sum if direct[0] is SEGMENT_SUM else _bulk
-            _store(nodes, (run(nodes, direct),))
+            compute = _segment_sum if direct[0] is SEGMENT_SUM else _bulk
+            _store(nodes, (compute(nodes, direct),))
             return
         template = first.args
         if template is None:                 # a plain node (NOTE [plain nodes])
@@ -221,9 +221,9 @@ def _segment_sum(nodes, direct) -> Tensor:
     of every node in one gather, then one ``index_add`` into the node's row."""
     counts = [len(n.args[0]) for n in nodes]
     rows = gather([x for n in nodes for x in n.args[0]])
-    owner = _long_tensor([k for k, count in enumerate(counts) for _ in range(count)],
-                         device=rows.device)
-    out = rows.new_zeros((len(nodes),) + rows.shape[1:]).index_add(0, owner, rows)
+    segment = _long_tensor([k for k, count in enumerate(counts) for _ in range(count)],
+                           device=rows.device)
+    out = rows.new_zeros((len(nodes),) + rows.shape[1:]).index_add(0, segment, rows)
     if direct[1] and out.dim() > 1:        # sum over all dims: each node's row to a scalar
         out = out.sum(tuple(range(1, out.dim())))
     return out

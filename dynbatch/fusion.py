@@ -9,8 +9,9 @@ recorded on a pending stack of same-shaped tensors, the sum is recorded instead 
 ``stacked_sum(xs, all_dims)`` node whose signature leaves the length out; the executor
 computes a whole batch of them as one gather of every member and one ``index_add`` by
 node. The stack node stays in the graph: if nothing else reads it, it never runs (NOTE
-[dead code] in execute.py). The sum's value is eager's up to the order of the
-additions (a float32 sum of n terms: within n ulps); its gradient is exact.
+[dead code] in execute.py). The sum differs from eager's only in the order of its
+additions (rounding: for n float32 terms, at most about n * 2**-24 times the sum of
+their magnitudes); its gradient is exact.
 """
 from __future__ import annotations
 

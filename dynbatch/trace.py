@@ -261,9 +261,15 @@ def snapshot(value):
     ``torch.stack(history)``)."""
     t = type(value)
     if t is list:
-        return [snapshot(x) for x in value]
-    if t is tuple and any(type(x) is list or type(x) is tuple for x in value):
-        return tuple(snapshot(x) for x in value)
+        copy = value[:]
+        for k, x in enumerate(copy):
+            if type(x) is list or type(x) is tuple:
+                copy[k] = snapshot(x)
+        return copy
+    if t is tuple:
+        for x in value:
+            if type(x) is list or type(x) is tuple:
+                return tuple(snapshot(y) for y in value)
     return value
 
 
