@@ -9,7 +9,12 @@ recorded on a pending stack of same-shaped tensors, the sum is recorded instead 
 ``stacked_sum(xs, all_dims)`` node whose signature leaves the length out; the executor
 computes a whole batch of them as one gather of every member and one ``index_add`` by
 node. The stack node stays in the graph: if nothing else reads it, it never runs (NOTE
-[dead code] in execute.py). The sum differs from eager's only in the order of its
+[dead code] in execute.py). When the stack is the node just before the sum (the code
+reads ``torch.stack(xs).sum()``), nothing else reads it yet, and the two swap places:
+the stack then reads only the sum, which runs after every member, so each member keeps
+one user instead of two for the scheduler (agenda scheduling of an SST blocks step:
+5.91 -> 5.37 ms). The
+sum differs from eager's only in the order of its
 additions (rounding: for n float32 terms, at most about n * 2**-24 times the sum of
 their magnitudes); its gradient is exact.
 """
@@ -40,9 +45,9 @@ def stacked_sum(xs, all_dims: bool):
 
 
 def match_stacked_sum(run, args, kwargs):
-    """``(args, info, inputs, depth)`` of a ``stacked_sum`` node when ``sum(*args,
-    **kwargs)`` sums a pending ``torch.stack`` of ``run`` over all dims or dim 0; else
-    None, and the sum is recorded as it is."""
+    """``(stack node, args, info, inputs, depth)`` of a ``stacked_sum`` node when
+    ``sum(*args, **kwargs)`` sums a pending ``torch.stack`` of ``run`` over all dims or dim
+    0; else None, and the sum is recorded as it is."""
     if not args or type(args[0]) is not LazyTensor or args[0].index:
         return None
     if kwargs:
@@ -85,4 +90,4 @@ def match_stacked_sum(run, args, kwargs):
             name="stack(...).sum()" if all_dims else "stack(...).sum(0)")
         info.direct = (SEGMENT_SUM, all_dims)
     # xs is the stack's own copy (trace.snapshot), not the user's list: share it
-    return (xs, all_dims), info, stack.inputs, stack.depth - 1
+    return stack, (xs, all_dims), info, stack.inputs, stack.depth - 1

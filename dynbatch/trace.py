@@ -234,8 +234,7 @@ def record(fn, args, kwargs):
     if (fn is _tensor_sum or fn is _torch_sum) and not run.block_trace:
         fused = match_stacked_sum(run, args, kwargs)     # NOTE [stacked sums]
         if fused is not None:
-            args, info, inputs, depth = fused
-            return append_node(run, stacked_sum, args, None, info, inputs, depth, False)
+            return _append_stacked_sum(run, *fused)
     key, inputs, depth, plain = signature_key(fn, args, kwargs, run)
     if not inputs:
         return _eager_constant(run, fn, args, kwargs)
@@ -253,6 +252,21 @@ def record(fn, args, kwargs):
 _tensor_sum, _torch_sum = Tensor.sum, torch.sum
 _SITES: dict = {}            # (id(code), offset) -> (code, offset); the value keeps code alive
 _SITES_LIMIT = 100_000
+
+
+def _append_stacked_sum(run, stack, args, info, inputs, depth):
+    """Record the sum of ``stack`` as a ``stacked_sum`` node; when the stack is the node
+    just before it, swap the two (NOTE [stacked sums])."""
+    nodes = run.graph.nodes
+    right_after = nodes[-1] is stack
+    out = append_node(run, stacked_sum, args, None, info, inputs, depth, False)
+    if right_after:
+        total = out.node
+        stack.id, total.id = total.id, stack.id
+        nodes[stack.id], nodes[total.id] = stack, total
+        stack.inputs = (total.id,)
+        stack.depth = total.depth + 1
+    return out
 
 
 def snapshot(value):

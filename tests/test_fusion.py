@@ -126,3 +126,29 @@ def test_in_a_scope_and_read_after():
         sums = [loss_sum(seq, lin) for seq in seqs]
     for got, seq in zip(sums, seqs):
         torch.testing.assert_close(got.value, loss_sum(seq, lin), atol=1e-6, rtol=1e-5)
+
+
+def test_a_stack_summed_at_once_moves_after_its_sum():
+    # torch.stack(xs).sum(): the stack reads only the sum afterwards, so the members keep one
+    # user each; with another op in between, nothing moves. Either way the graph stays valid
+    # and the values are eager's
+    lin = make_linear()
+    seq = sequences()[3]
+    with db.autobatch() as run:
+        members = [torch.tanh(lin(x)) for x in seq]
+        total = torch.stack(members).sum()
+        nodes = run.graph.nodes
+        stack_fn = getattr(torch.stack, "__wrapped__", torch.stack)   # patched while recording
+        assert nodes[-2] is total.node and nodes[-1].fn is stack_fn
+        assert nodes[-1].inputs == (total.node.id,)
+        run.graph.lint()
+        stacked = torch.stack(members)
+        doubled = stacked * 2
+        other = stacked.sum(0)
+        assert nodes[-1] is other.node and nodes[-3] is stacked.node
+        assert len(nodes[-3].inputs) == len(members)
+        run.graph.lint()
+    eager = [torch.tanh(lin(x)) for x in seq]
+    torch.testing.assert_close(total.value, torch.stack(eager).sum(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(other.value, torch.stack(eager).sum(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(doubled.value, torch.stack(eager) * 2)
