@@ -13,10 +13,9 @@ node. The stack node stays in the graph: if nothing else reads it, it never runs
 reads ``torch.stack(xs).sum()``), nothing else reads it yet, and the two swap places:
 the stack then reads only the sum, which runs after every member, so each member keeps
 one user instead of two for the scheduler (agenda scheduling of an SST blocks step:
-5.91 -> 5.37 ms). The
-sum differs from eager's only in the order of its
-additions (rounding: for n float32 terms, at most about n * 2**-24 times the sum of
-their magnitudes); its gradient is exact.
+5.91 -> 5.37 ms). The sum differs from eager's only in the order of its additions
+(rounding: for n float32 terms, at most about n * 2**-24 times the sum of their
+magnitudes); its gradient is exact.
 """
 from __future__ import annotations
 
