@@ -219,9 +219,8 @@ def _bulk(nodes, direct) -> Tensor:
 def _segment_sum(nodes, direct) -> Tensor:
     """A batch of ``stacked_sum`` nodes (NOTE [stacked sums] in fusion.py): every member
     of every node in one gather, then one ``index_add`` into the node's row."""
-    counts = [len(n.args[0]) for n in nodes]
     rows = gather([x for n in nodes for x in n.args[0]])
-    segment = _long_tensor([k for k, count in enumerate(counts) for _ in range(count)],
+    segment = _long_tensor([k for k, n in enumerate(nodes) for _ in n.args[0]],
                            device=rows.device)
     out = rows.new_zeros((len(nodes),) + rows.shape[1:]).index_add(0, segment, rows)
     if direct[1] and out.dim() > 1:        # sum over all dims: each node's row to a scalar
