@@ -3,9 +3,10 @@
 Gather (NOTE [row order]: row i of a batch output belongs to the i-th node of that batch):
 a zero-copy slice when the rows lie contiguous and in order in one earlier output, one
 ``index_select`` when they lie in one output in any order, and per-source selections joined
-by one ``cat`` (plus one reordering ``index_select`` if needed) otherwise. Outputs stay one
-tensor per batch; a node's value is (batch outputs, row). Autograd flows through these
-ordinary torch ops: there is no custom backward.
+by one ``cat`` (plus one reordering ``index_select`` if needed) otherwise; alike columns of
+one batch whose rows lie in several outputs are gathered as one (NOTE [joint gathers]).
+Outputs stay one tensor per batch; a node's value is (batch outputs, row). Autograd flows
+through these ordinary torch ops: there is no custom backward.
 """
 from __future__ import annotations
 
@@ -150,18 +151,25 @@ def run_batch(nodes, info) -> None:
             kwargs = specialize.apply_edits(args, kwargs, direct[1])
         if kwargs and any(p[0] == "kw" for p in info.paths):
             kwargs = dict(kwargs)
-        memo = [None, None]
         graph_nodes = first.owner.graph.nodes
+        columns = []
         for k, path in enumerate(info.paths):
             if len(path) == 1:
-                args[path[0]] = gather(_column(nodes, k, path, graph_nodes), memo)
+                columns.append(_column(nodes, k, path, graph_nodes))
             elif path[0] == "kw":
-                kwargs[path[1]] = gather([n.kwargs[path[1]] for n in nodes], memo)
+                columns.append([n.kwargs[path[1]] for n in nodes])
+            else:
+                columns.append([n.args[path[0]][path[1]] for n in nodes])
+        for path, value in zip(info.paths, gather_columns(columns)):
+            if len(path) == 1:
+                args[path[0]] = value
+            elif path[0] == "kw":
+                kwargs[path[1]] = value
             else:
                 i, j = path
                 if args[i] is template[i]:
                     args[i] = list(args[i])
-                args[i][j] = gather([n.args[i][j] for n in nodes], memo)
+                args[i][j] = value
         for i, a in enumerate(args):
             if type(a) is list and type(template[i]) is tuple:
                 args[i] = tuple(a)
@@ -176,6 +184,51 @@ def run_batch(nodes, info) -> None:
             out = _recover(nodes, info, err)
         out = (out,) if info.structure is None else tuple(out)
     _store(nodes, out)
+
+
+def gather_columns(columns) -> list:
+    """The batched value of each input column of a batch (NOTE [joint gathers]).
+
+    NOTE [joint gathers]: a Tree-LSTM cell reads (hl, cl) and (hr, cr), four columns whose
+    rows lie in many earlier batches. Gathered one by one, each costs an index_select per
+    source batch, a cat and a reordering index_select, and as many backward nodes. Columns
+    of the same shape that read the same output (hl and hr: the h of their producers) are
+    gathered as one column and split: one set of calls for both. Only when the first of
+    them comes from several batches: where each column is a zero-copy slice or a single
+    index_select on its own, joining them would add a copy. The memo then reuses the row
+    plan of (hl, hr) for (cl, cr): the same nodes, another output."""
+    memo = [None, None]
+    if len(columns) == 1:
+        return [gather(columns[0], memo)]
+    alike: dict = {}
+    for k, column in enumerate(columns):
+        head = column[0]
+        key = (head.tkey, head.index) if type(head) is LazyTensor else \
+            (head.info.outputs[0], 0)            # a plain node's input: its first output
+        alike.setdefault(key, []).append(k)
+    if len(alike) == len(columns):
+        return [gather(column, memo) for column in columns]
+    values = [None] * len(columns)
+    for ks in alike.values():
+        if len(ks) > 1 and _from_several_batches(columns[ks[0]]):
+            joined = gather([x for k in ks for x in columns[k]], memo)
+            for k, part in zip(ks, joined.split(len(columns[ks[0]]))):
+                values[k] = part
+        else:
+            for k in ks:
+                values[k] = gather(columns[k], memo)
+    return values
+
+
+def _from_several_batches(column) -> bool:
+    head = column[0]
+    batch = (head.node if type(head) is LazyTensor else head).batch
+    if batch is None:           # immediates, not filled yet: gathered as values
+        return False
+    for x in column:
+        if (x.node if type(x) is LazyTensor else x).batch is not batch:
+            return True
+    return False
 
 
 def _column(nodes, k, path, graph_nodes) -> list:

@@ -781,6 +781,97 @@ def test_stack_and_cat_of_many_members_gather_in_bulk(op, dim, monkeypatch):
     assert calls, "the bulk path was not taken"
 
 
+def _binary_trees(n, seed):
+    """Random binary trees as nested pairs of leaf values: children at uneven depths, so a
+    cell's inputs lie in several earlier batches."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def grow(size):
+        if size == 1:
+            return float(torch.rand((), generator=rng))
+        left = int(torch.randint(1, size, (), generator=rng))
+        return (grow(left), grow(size - left))
+    return [grow(int(torch.randint(1, 9, (), generator=rng))) for _ in range(n)]
+
+
+@db.block
+def _tree_leaf(x, V):
+    h = torch.tanh(V * x)
+    return h, h * 0.5
+
+
+@db.block
+def _tree_cell(left, right, W):
+    (hl, cl), (hr, cr) = left, right
+    z = W @ torch.cat([hl, hr])
+    c = torch.sigmoid(z[:3]) * cl + torch.sigmoid(z[3:]) * cr
+    return torch.tanh(c), c
+
+
+def _encode_tree(tree, V, W):
+    if isinstance(tree, tuple):
+        return _tree_cell(_encode_tree(tree[0], V, W), _encode_tree(tree[1], V, W), W)
+    return _tree_leaf(torch.tensor(tree), V)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_alike_inputs_from_several_batches_gather_as_one(strategy, monkeypatch):
+    # NOTE [joint gathers]: (hl, hr) and (cl, cr) each in one gather of 2n rows once the
+    # children lie in several batches; while they lie in one (the leaves), four of n rows.
+    from dynbatch import execute
+    per_batch = []
+    real_run, real_gather = execute.run_batch, execute.gather
+
+    def run_batch(nodes, info):
+        per_batch.append((info.name, len(nodes), []))
+        return real_run(nodes, info)
+
+    def gather(column, memo=None):
+        if per_batch:
+            per_batch[-1][2].append(len(column))
+        return real_gather(column, memo)
+
+    monkeypatch.setattr(execute, "run_batch", run_batch)
+    monkeypatch.setattr(execute, "gather", gather)
+    torch.manual_seed(5)
+    V = nn.Parameter(torch.randn(3))
+    W = nn.Parameter(torch.randn(6, 6) * 0.5)
+
+    def fn(tree, V, W):
+        return _encode_tree(tree, V, W)[0]
+
+    trees = _binary_trees(12, seed=1)
+    per_batch.clear()
+    assert_matches_eager(fn, trees, V, W, atol=ATOL, rtol=RTOL, strategy=strategy)
+    cells = [(n, sizes) for name, n, sizes in per_batch if name.endswith("_tree_cell")]
+    joined = [(n, sizes) for n, sizes in cells if sizes == [2 * n, 2 * n]]
+    assert joined, cells
+    assert all(sizes in ([2 * n, 2 * n], [n] * 4) for n, sizes in cells), cells
+    assert cells[0][1] == [cells[0][0]] * 4     # the first cells read only leaves: one batch
+
+
+def test_joined_columns_may_read_different_outputs_row_by_row():
+    # Two alike columns are joined when the first one's rows come from several batches;
+    # within a column each row may name another output of its node (a or b here).
+    @db.block
+    def pair(x):
+        return torch.tanh(x), torch.sigmoid(x) * 3
+
+    @db.block
+    def combine(a, b):
+        return a * 2 + b
+
+    W = nn.Parameter(torch.randn(3, 3) * 0.5)
+
+    def fn(i, W):
+        p = pair(W @ torch.full((3,), float(i)))
+        for _ in range(i):
+            p = pair(p[0] + 1)
+        return combine(p[i % 2], p[0]) + combine(p[0], p[1 - i % 2])
+
+    assert_matches_eager(fn, [0, 1, 2, 3, 4, 5], W, atol=ATOL, rtol=RTOL)
+
+
 def test_an_immediate_read_by_several_batches_and_returned():
     # A column of fresh immediates (word ids, labels) becomes one tensor without rows
     # recorded; a second reader builds its own, and one returned as a result still has
