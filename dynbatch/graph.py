@@ -115,6 +115,8 @@ class Graph:
                 inp = self.nodes[i]
                 assert inp.owner is node.owner, f"{node!r} uses %{i} of another run"
                 depth = max(depth, inp.depth + 1)
+            if depth == 0 and _reads_an_immediate(node):   # NOTE [block edges]
+                depth = 1
             assert node.depth == depth, f"{node!r}: depth {node.depth}, expected {depth}"
             if pos < self.first_pending:
                 assert node.batch is not None, f"{node!r} before first_pending has no value"
@@ -128,3 +130,11 @@ class Graph:
             site = Site.of(node.site)
             lines.append(f"{node!r}" + (f"  ({site.filename}:{site.lineno})" if site else ""))
         return "\n".join(lines)
+
+
+def _reads_an_immediate(node) -> bool:
+    """Whether a node's arguments hold an immediate (a block node does not list them)."""
+    items = []
+    for a in node.args or ():
+        items.extend(a if type(a) in (tuple, list) else (a,))
+    return any(type(getattr(x, "node", None)) is Immediate for x in items)

@@ -872,6 +872,31 @@ def test_joined_columns_may_read_different_outputs_row_by_row():
     assert_matches_eager(fn, [0, 1, 2, 3, 4, 5], W, atol=ATOL, rtol=RTOL)
 
 
+def test_block_nodes_list_each_input_node_once_and_no_immediates():
+    # NOTE [block edges]: the scheduler sees (h, c) of one node as one edge and no edge for
+    # a word id; the depth still counts the immediate, and the values are eager's.
+    @db.block
+    def split(x):
+        return torch.tanh(x), torch.sigmoid(x)
+
+    @db.block
+    def merge(pair, y):
+        a, b = pair
+        return a * b + y
+
+    with db.autobatch() as run:
+        pairs = [split(torch.tensor(v)) for v in (0.5, -1.0, 2.0)]
+        outs = [merge(p, torch.tensor(3.0)) for p in pairs]
+        assert [p[0].node.inputs for p in pairs] == [[], [], []]
+        assert [p[0].node.depth for p in pairs] == [1, 1, 1]
+        assert [o.node.inputs for o in outs] == [[p[0].node.id] for p in pairs]
+        run.graph.lint()
+    for v, o in zip((0.5, -1.0, 2.0), outs):
+        x = torch.tensor(v)
+        torch.testing.assert_close(o.value, torch.tanh(x) * torch.sigmoid(x) + 3.0)
+    assert db.stats().batches == 2
+
+
 def test_an_immediate_read_by_several_batches_and_returned():
     # A column of fresh immediates (word ids, labels) becomes one tensor without rows
     # recorded; a second reader builds its own, and one returned as a result still has
