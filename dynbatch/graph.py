@@ -2,8 +2,9 @@
 
 Invariants of a Graph: nodes are in recording order, which is a topological order (a node's
 inputs were recorded before it); ``node.id`` is its position; ``node.depth`` is one more than
-the largest depth among its inputs (0 for constants); every node belongs to one example (or
-to none in the autobatch scope). Nodes point to their inputs only, never to their users, so
+the largest depth among its inputs (0 for constants), an immediate among its arguments
+counting as depth 0 even where ``inputs`` leaves it out (NOTE [block edges] in blocks.py);
+every node belongs to one example (or to none in the autobatch scope). Nodes point to their inputs only, never to their users, so
 a finished run is freed by reference counting alone.
 """
 from __future__ import annotations
@@ -13,7 +14,9 @@ from .errors import Site
 
 class Node:
     """One recorded call. ``fn(*args, **kwargs)`` with lazy tensors among the args;
-    ``inputs`` are the ids of the nodes those lazy tensors come from.
+    ``inputs`` are the ids of the nodes those lazy tensors come from (-1 for an immediate),
+    one entry per lazy argument, except that a block node lists a repeated node once and
+    no immediates (NOTE [block edges]).
 
     After execution ``batch`` holds the tuple of batched outputs of the call that computed
     it and ``row`` its row in them (NOTE [batch dim]: dim 0 of every batched tensor is the
