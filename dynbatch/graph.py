@@ -4,8 +4,8 @@ Invariants of a Graph: nodes are in recording order, which is a topological orde
 inputs were recorded before it); ``node.id`` is its position; ``node.depth`` is one more than
 the largest depth among its inputs (0 for constants), an immediate among its arguments
 counting as depth 0 even where ``inputs`` leaves it out (NOTE [block edges] in blocks.py);
-every node belongs to one example (or to none in the autobatch scope). Nodes point to their inputs only, never to their users, so
-a finished run is freed by reference counting alone.
+every node belongs to one example (or to none in the autobatch scope). Nodes point to their
+inputs only, never to their users, so a finished run is freed by reference counting alone.
 """
 from __future__ import annotations
 
@@ -118,8 +118,8 @@ class Graph:
                 inp = self.nodes[i]
                 assert inp.owner is node.owner, f"{node!r} uses %{i} of another run"
                 depth = max(depth, inp.depth + 1)
-            if depth == 0 and _reads_an_immediate(node):   # NOTE [block edges]
-                depth = 1
+            if depth == 0 and node.depth == 1 and _may_read_an_immediate(node):
+                depth = 1       # NOTE [block edges]
             assert node.depth == depth, f"{node!r}: depth {node.depth}, expected {depth}"
             if pos < self.first_pending:
                 assert node.batch is not None, f"{node!r} before first_pending has no value"
@@ -135,8 +135,11 @@ class Graph:
         return "\n".join(lines)
 
 
-def _reads_an_immediate(node) -> bool:
-    """Whether a node's arguments hold an immediate (a block node does not list them)."""
+def _may_read_an_immediate(node) -> bool:
+    """Whether a node's arguments hold an immediate (a block node does not list them), or
+    may have: an executed node's arguments are dropped (execute._store)."""
+    if node.args is None:
+        return node.batch is not None
     items = []
     for a in node.args or ():
         items.extend(a if type(a) in (tuple, list) else (a,))
