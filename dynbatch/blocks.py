@@ -149,9 +149,10 @@ def record_block(fn, args, kwargs):
             node = a.node
             if node.owner is not run:
                 raise_mixed(run)
-            if node.id != last and node.id >= 0:      # NOTE [block edges]
-                last = node.id
-                inputs.append(last)
+            i = node.id
+            if i != last and i >= 0:      # NOTE [block edges]
+                inputs.append(i)
+                last = i
             if node.depth > depth:
                 depth = node.depth
             key.append(a.tkey)
@@ -165,9 +166,10 @@ def record_block(fn, args, kwargs):
                 node = x.node
                 if node.owner is not run:
                     raise_mixed(run)
-                if node.id != last and node.id >= 0:
-                    last = node.id
-                    inputs.append(last)
+                i = node.id
+                if i != last and i >= 0:
+                    inputs.append(i)
+                    last = i
                 if node.depth > depth:
                     depth = node.depth
                 key.append(x.tkey)
