@@ -1,10 +1,11 @@
 """Execution: for each batch, gather the inputs, make one batched call, store the output.
 
-Gather (NOTE [row order]: row i of a batch output belongs to the i-th node of that batch):
-a zero-copy slice when the rows lie contiguous and in order in one earlier output, one
-``index_select`` when they lie in one output in any order, and per-source selections joined
-by one ``cat`` (plus one reordering ``index_select`` if needed) otherwise; alike columns of
-one batch whose rows lie in several outputs are gathered as one (NOTE [joint gathers]).
+Gather (NOTE [row order]: row i of a batch output belongs to the i-th node of that batch,
+and a batch puts its nodes in the order its first input's rows lie in): a zero-copy slice
+when the rows lie contiguous and in order in one earlier output, one ``index_select`` when
+they lie in one output in any order, and per-source selections joined by one ``cat`` (plus
+one reordering ``index_select`` if needed) otherwise; alike columns of one batch whose rows
+lie in several outputs are gathered as one (NOTE [joint gathers]).
 Outputs stay one tensor per batch; a node's value is (batch outputs, row). Autograd flows
 through these ordinary torch ops: there is no custom backward.
 """
@@ -160,7 +161,10 @@ def run_batch(nodes, info) -> None:
                 columns.append([n.kwargs[path[1]] for n in nodes])
             else:
                 columns.append([n.args[path[0]][path[1]] for n in nodes])
-        for path, value in zip(info.paths, gather_columns(columns)):
+        values, order = gather_columns(columns)
+        if order is not None:           # NOTE [row order]: rows follow the first column
+            nodes = [nodes[p] for p in order]
+        for path, value in zip(info.paths, values):
             if len(path) == 1:
                 args[path[0]] = value
             elif path[0] == "kw":
@@ -186,8 +190,10 @@ def run_batch(nodes, info) -> None:
     _store(nodes, out)
 
 
-def gather_columns(columns) -> list:
-    """The batched value of each input column of a batch (NOTE [joint gathers]).
+def gather_columns(columns) -> tuple[list, list | None]:
+    """The batched value of each input column of a batch, and the order of the batch's
+    members those values follow: None for the order given, else a list of positions
+    (NOTE [row order]; NOTE [joint gathers]).
 
     NOTE [joint gathers]: a Tree-LSTM cell reads (hl, cl) and (hr, cr), four columns whose
     rows lie in many earlier batches. Gathered one by one, each costs an index_select per
@@ -198,18 +204,24 @@ def gather_columns(columns) -> list:
     index_select on its own, joining them would add a copy. The memo then reuses the row
     plan of (hl, hr) for (cl, cr): the same nodes, another output."""
     memo = [None, None]
-    if len(columns) == 1:
-        return [gather(columns[0], memo)]
     alike: dict = {}
     for k, column in enumerate(columns):
         head = column[0]
         key = (head.tkey, head.index) if type(head) is LazyTensor else \
             (head.info.outputs[0], 0)            # a plain node's input: its first output
         alike.setdefault(key, []).append(k)
-    if len(alike) == len(columns):
-        return [gather(column, memo) for column in columns]
     values = [None] * len(columns)
-    for ks in alike.values():
+    order = None
+    rest = list(alike.values())
+    if len(rest[0]) == 1 or not _from_several_batches(columns[0]):
+        # the first column is gathered on its own: the batch may take its rows' order
+        values[0], order = _gather_in_order(columns[0], memo)
+        if order is not None:
+            columns = [[column[p] for p in order] for column in columns]
+        rest[0] = rest[0][1:]
+    for ks in rest:
+        if not ks:
+            continue
         if len(ks) > 1 and _from_several_batches(columns[ks[0]]):
             joined = gather([x for k in ks for x in columns[k]], memo)
             for k, part in zip(ks, joined.split(len(columns[ks[0]]))):
@@ -217,7 +229,117 @@ def gather_columns(columns) -> list:
         else:
             for k in ks:
                 values[k] = gather(columns[k], memo)
-    return values
+    return values, order
+
+
+def _gather_in_order(column, memo):
+    """A batch's first column, and the order of the batch's members that makes it cheapest:
+    (value, None) for the given order, (value, positions) for another.
+
+    NOTE [row order]: the members of a batch may come in any order (row i of its outputs
+    belongs to its i-th member, whichever that is), and the agenda releases them in the
+    order their inputs finished, which often interleaves their sources: sigmoid(i),
+    sigmoid(f), sigmoid(o) of one chunk() come three rows apart. Gathered in that order
+    the column needs a cat and a reordering index_select (and its backward an index_add
+    into zeros). Ordered by source instead, it needs the cat alone; and rows of one
+    source that are a shuffle of a contiguous range become a zero-copy slice. The batch's
+    outputs then follow that order, so readers of them often find their rows in order
+    too. Grouping the column by source is what gathering it costs anyway: the new order
+    costs one permutation of each column."""
+    first = column[0]
+    index = first.index if type(first) is LazyTensor else 0
+    nodes = []
+    for x in column:
+        if type(x) is LazyTensor:
+            if x.index != index:
+                return _gather_mixed_in_order(column)
+            node = x.node
+        elif index:                     # a plain node's input: its first output
+            return _gather_mixed_in_order(column)
+        else:
+            node = x
+        if node.batch is None:          # immediates: gathered as values
+            return gather(column, memo), None
+        nodes.append(node)
+    batch = nodes[0].batch
+    rows = []
+    for node in nodes:
+        if node.batch is not batch:
+            plan, order = _plan_in_order(_groups_by_batch(nodes))
+            break
+        rows.append(node.row)
+    else:
+        plan, order = _plan_in_order({0: (batch, None, None, rows)})
+    if memo is not None:
+        memo[0], memo[1] = (nodes if order is None else [nodes[p] for p in order]), plan
+    return _apply(plan, index), order
+
+
+def _groups_by_batch(nodes) -> dict:
+    """First outputs grouped by the batch that computed them, as they come: {id: (batch,
+    None, positions, rows)}; no tuple per node, no second pass."""
+    groups: dict = {}
+    for pos, node in enumerate(nodes):
+        batch = node.batch
+        if batch is None:           # an immediate: fill every one of them at once
+            fill_immediates(nodes)
+            batch = node.batch
+        group = groups.get(id(batch))
+        if group is None:
+            groups[id(batch)] = group = (batch, None, [], [])
+        group[2].append(pos)
+        group[3].append(node.row)
+    return groups
+
+
+def _gather_mixed_in_order(column):
+    """``_gather_in_order`` for rows of different outputs (sigmoid(i), sigmoid(o) of one
+    chunk())."""
+    groups: dict = {}
+    for pos, x in enumerate(column):
+        node, index = (x, 0) if type(x) is Node else (x.node, x.index)
+        if node.batch is None:
+            fill_immediates([node])
+        key = (id(node.batch), index)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = group = (node.batch, index, [], [])
+        group[2].append(pos)
+        group[3].append(node.row)
+    plan, order = _plan_in_order(groups)
+    return _apply(plan, None), order
+
+
+def _plan_in_order(groups):
+    """(plan, order) for rows grouped by source, {key: (batch, index, positions, rows)}
+    (positions None: the single group, in the order given): the sources one after the
+    other, and within each a shuffle of a contiguous range of rows sorted into a slice."""
+    parts = []
+    order = []
+    moved = False
+    for batch, index, positions, rows in groups.values():
+        r0 = rows[0]
+        n = len(rows)
+        if not (rows[-1] - r0 == n - 1 and rows == list(range(r0, r0 + n))):
+            low = min(rows)
+            if max(rows) - low == n - 1:        # perhaps a shuffle of low..low+n-1
+                slots = [-1] * n
+                for p, r in enumerate(rows) if positions is None else zip(positions, rows):
+                    slots[r - low] = p
+                if -1 not in slots:             # (else a row repeats)
+                    positions = slots
+                    moved = True
+                    parts.append((_SLICE, batch, index, low, n))
+                    order.extend(positions)
+                    continue
+        parts.append(_plan_rows(batch, index, rows))
+        if positions is not None:
+            order.extend(positions)
+    if len(parts) == 1:
+        return parts[0], (positions if moved else None)
+    if not moved and order == list(range(len(order))):
+        order = None
+    return (_MANY, parts, None), order
 
 
 def _from_several_batches(column) -> bool:
@@ -344,20 +466,9 @@ def _plan(nodes):
 
 
 def _plan_nodes(nodes):
-    """``_plan_sources`` for first outputs, grouping the nodes as they come: no tuple per
-    node and no second pass (a Tree-LSTM's children lie in many earlier batches)."""
-    groups: dict = {}
-    for pos, node in enumerate(nodes):
-        batch = node.batch
-        if batch is None:           # an immediate: fill every one of them at once
-            fill_immediates(nodes)
-            batch = node.batch
-        group = groups.get(id(batch))
-        if group is None:
-            groups[id(batch)] = group = (batch, None, [], [])
-        group[2].append(pos)
-        group[3].append(node.row)
-    return _plan_groups(groups)
+    """``_plan_sources`` for first outputs (a Tree-LSTM's children lie in many earlier
+    batches)."""
+    return _plan_groups(_groups_by_batch(nodes))
 
 
 _FILLING = ()

@@ -821,6 +821,7 @@ def test_alike_inputs_from_several_batches_gather_as_one(strategy, monkeypatch):
     from dynbatch import execute
     per_batch = []
     real_run, real_gather = execute.run_batch, execute.gather
+    real_in_order = execute._gather_in_order
 
     def run_batch(nodes, info):
         per_batch.append((info.name, len(nodes), []))
@@ -831,8 +832,13 @@ def test_alike_inputs_from_several_batches_gather_as_one(strategy, monkeypatch):
             per_batch[-1][2].append(len(column))
         return real_gather(column, memo)
 
+    def gather_in_order(column, memo):      # a first column gathered alone (NOTE [row order])
+        per_batch[-1][2].append(len(column))
+        return real_in_order(column, memo)
+
     monkeypatch.setattr(execute, "run_batch", run_batch)
     monkeypatch.setattr(execute, "gather", gather)
+    monkeypatch.setattr(execute, "_gather_in_order", gather_in_order)
     torch.manual_seed(5)
     V = nn.Parameter(torch.randn(3))
     W = nn.Parameter(torch.randn(6, 6) * 0.5)
@@ -870,6 +876,66 @@ def test_joined_columns_may_read_different_outputs_row_by_row():
         return combine(p[i % 2], p[0]) + combine(p[0], p[1 - i % 2])
 
     assert_matches_eager(fn, [0, 1, 2, 3, 4, 5], W, atol=ATOL, rtol=RTOL)
+
+
+def _plans_by_batch(monkeypatch):
+    """[(batch name, gather plans)] of every batch run: 0 a zero-copy slice, 1 an
+    index_select, "cat" sources joined in order, "cat+reorder" joined and reordered."""
+    from dynbatch import execute
+    runs = []
+    real_run, real_apply = execute.run_batch, execute._apply
+
+    def run_batch(nodes, info):
+        runs.append((info.name, []))
+        return real_run(nodes, info)
+
+    def apply(plan, index):
+        runs[-1][1].append(plan[0] if plan[0] != execute._MANY
+                           else "cat" if plan[2] is None else "cat+reorder")
+        return real_apply(plan, index)
+
+    monkeypatch.setattr(execute, "run_batch", run_batch)
+    monkeypatch.setattr(execute, "_apply", apply)
+    return runs
+
+
+def test_a_batch_of_several_outputs_takes_them_one_after_the_other(monkeypatch):
+    # NOTE [row order]: sigmoid of i, f, o of each example's chunk() is one batch. Its
+    # members, released example by example, interleave the three outputs; ordered by
+    # output instead, its input is the three outputs joined as they are, and each mul or
+    # add after it finds its rows in order: no gather copies a row.
+    runs = _plans_by_batch(monkeypatch)
+    W = nn.Parameter(torch.randn(12, 4, dtype=torch.float64))
+
+    def gates(x, W):
+        i, f, o = (W @ x).chunk(3)
+        return torch.sigmoid(i) * torch.sigmoid(f) + torch.sigmoid(o)
+
+    xs = [torch.randn(4, dtype=torch.float64) for _ in range(6)]
+    assert_matches_eager(gates, xs, W, atol=ATOL, rtol=RTOL)
+    plans = [plan for _, ps in runs for plan in ps]
+    assert "cat" in plans and set(plans) == {0, "cat"}, runs
+
+
+def test_a_batch_takes_the_row_order_of_its_first_input(monkeypatch):
+    # NOTE [row order]: a * b is released as each example's chain of sigmoids ends, so its
+    # members come shortest chain first while their a rows lie in example order: reordered
+    # by a's rows, the batch reads a as it lies (a slice), not through an index_select.
+    runs = _plans_by_batch(monkeypatch)
+    W = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+
+    def chain(example, W):
+        x, length = example
+        a = torch.tanh(W @ x)
+        b = x
+        for _ in range(length):
+            b = torch.sigmoid(b)
+        return a * b
+
+    examples = [(torch.randn(4, dtype=torch.float64), n) for n in (3, 1, 2, 1, 3, 2)]
+    assert_matches_eager(chain, examples, W, atol=ATOL, rtol=RTOL)
+    (mul_plans,) = [ps for name, ps in runs if name == "Tensor.__mul__"]
+    assert mul_plans[0] == 0, runs       # a: a slice of tanh's output
 
 
 def test_block_nodes_list_each_input_node_once_and_no_immediates():
