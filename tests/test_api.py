@@ -986,3 +986,42 @@ def test_an_immediate_read_by_several_batches_and_returned():
         assert tripled.item() == 3 * i and t.item() == i and t.dtype == torch.int64
     torch.stack([f(i)[0] for i in ids]).sum().backward()
     torch.testing.assert_close(grad, emb.weight.grad)
+
+
+@pytest.mark.parametrize("drop", [
+    lambda x: F.dropout(x, 0.0, True),
+    lambda x: F.dropout(x, p=0.5, training=False),
+    lambda x: torch.dropout(x, 0.0, True),
+    lambda x: F.alpha_dropout(x, 0.5),                  # training defaults to False
+    lambda x: nn.Dropout(0.3).eval()(x),
+    lambda x: nn.Dropout(0.0)(x),
+], ids=["p0", "eval", "torch.dropout", "alpha", "module-eval", "module-p0"])
+def test_a_dropout_that_drops_nothing_returns_its_input(drop):
+    # NOTE [identity dropout]: eager returns the very input; so does the trace, recording
+    # no node for it, and values and gradients stay eager's.
+    W = nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+    seen = []
+
+    def fn(x, W):
+        h = torch.tanh(W @ x)
+        out = drop(h)
+        seen.append(out is h)
+        return out * 2
+
+    xs = [torch.randn(3, dtype=torch.float64) for _ in range(4)]
+    assert_matches_eager(fn, xs, W, atol=ATOL, rtol=RTOL)
+    assert seen == [True] * 8          # eager's four, then the trace's four
+    assert db.stats().nodes == 4 * 4   # x, W @ x, tanh, * 2: no dropout node
+
+
+def test_a_dropout_that_drops_is_still_batched():
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(3, 3))
+
+    def fn(x, W):
+        return F.dropout(torch.tanh(W @ x), 0.5, True).sum()
+
+    outs = db.batched(fn)([torch.ones(3) for _ in range(64)], W)
+    assert db.stats().nodes == 5 * 64 and db.stats().batches <= 5
+    torch.stack(outs).sum().backward()
+    assert W.grad is not None and W.grad.abs().sum() > 0
