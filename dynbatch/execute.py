@@ -622,13 +622,21 @@ def _per_example(node):
     return fn(*args, **kwargs)
 
 
+def _example_order(node) -> int:
+    return -1 if node.example is None else node.example
+
+
 def _recover(nodes, info, err):
     """A batched call failed: find the first example that fails on its own and name it; if
-    none does, the rule is at fault, so run per example (correct) and say so loudly."""
-    rows = []
-    for node in nodes:
+    none does, the rule is at fault, so run per example (correct) and say so loudly.
+    "First" is by example index, not by row: a batch's row order is the executor's choice
+    (NOTE [row order]), and the example named must not depend on it."""
+    by_example = sorted(range(len(nodes)), key=lambda k: _example_order(nodes[k]))
+    rows = [None] * len(nodes)
+    for k in by_example:
+        node = nodes[k]
         try:
-            rows.append(_per_example(node))
+            rows[k] = _per_example(node)
         except Exception as own:
             raise ExecuteError(
                 f"{info.name} failed for {where(node.example, node.site)}\n"

@@ -353,3 +353,13 @@ def test_augmented_assignment_is_fine():
     xs = [torch.randn(3), torch.randn(3)]
     for o, x in zip(db.batched(fn)(xs), xs):
         torch.testing.assert_close(o, (x * 2 + 1) * 3, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["agenda", "depth"])
+def test_execution_error_names_the_first_failing_example_whatever_the_row_order(strategy):
+    # two examples fail; the message names the first of them, examples[1], whichever row
+    # of the batch the executor gave it (NOTE [row order])
+    with failing_run(ExecuteError) as info:
+        db.batched(lookup, strategy=strategy)([0, 8, 1, 9, 2])
+    assert_names(str(info.value), 1, "bad-index")
+    assert "examples[3]" not in str(info.value)
