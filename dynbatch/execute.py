@@ -221,7 +221,7 @@ def gather_columns(columns) -> tuple[list, list | None]:
     rest = list(alike.values())
     if len(rest[0]) == 1 or not _from_several_batches(columns[0]):
         # the first column is gathered on its own: the batch may take its rows' order
-        values[0], order = _gather_in_order(columns[0], memo)
+        values[0], order = _gather(columns[0], memo, True)
         if order is not None:
             columns = [[column[p] for p in order] for column in columns]
         rest[0] = rest[0][1:]
@@ -238,52 +238,9 @@ def gather_columns(columns) -> tuple[list, list | None]:
     return values, order
 
 
-def _gather_in_order(column, memo):
-    """A batch's first column, and the order of the batch's members that makes it cheapest:
-    (value, None) for the given order, (value, positions) for another.
-
-    NOTE [row order]: the members of a batch may come in any order (row i of its outputs
-    belongs to its i-th member, whichever that is), and the agenda releases them in the
-    order their inputs finished, which often interleaves their sources: sigmoid(i),
-    sigmoid(f), sigmoid(o) of one chunk() come three rows apart. Gathered in that order
-    the column needs a cat and a reordering index_select (and its backward an index_add
-    into zeros). Ordered by source instead, it needs the cat alone; and rows of one
-    source that are a shuffle of a contiguous range become a zero-copy slice. The batch's
-    outputs then follow that order, so readers of them often find their rows in order
-    too. Grouping the column by source is what gathering it costs anyway: the new order
-    costs one permutation of each column."""
-    first = column[0]
-    index = first.index if type(first) is LazyTensor else 0
-    nodes = []
-    for x in column:
-        if type(x) is LazyTensor:
-            if x.index != index:
-                return _gather_mixed_in_order(column)
-            node = x.node
-        elif index:                     # a plain node's input: its first output
-            return _gather_mixed_in_order(column)
-        else:
-            node = x
-        if node.batch is None:          # immediates: gathered as values
-            return gather(column, memo), None
-        nodes.append(node)
-    batch = nodes[0].batch
-    rows = []
-    for node in nodes:
-        if node.batch is not batch:
-            plan, order = _plan_in_order(_groups_by_batch(nodes))
-            break
-        rows.append(node.row)
-    else:
-        plan, order = _plan_in_order({0: (batch, None, None, rows)})
-    if memo is not None:
-        memo[0], memo[1] = (nodes if order is None else [nodes[p] for p in order]), plan
-    return _apply(plan, index), order
-
-
 def _groups_by_batch(nodes) -> dict:
     """First outputs grouped by the batch that computed them, as they come: {id: (batch,
-    None, positions, rows)}; no tuple per node, no second pass."""
+    None, positions, rows)}; no tuple per node (unlike ``_groups_by_source``)."""
     groups: dict = {}
     for pos, node in enumerate(nodes):
         batch = node.batch
@@ -298,35 +255,28 @@ def _groups_by_batch(nodes) -> dict:
     return groups
 
 
-def _gather_mixed_in_order(column):
-    """``_gather_in_order`` for rows of different outputs (sigmoid(i), sigmoid(o) of one
-    chunk())."""
-    groups: dict = {}
-    for pos, x in enumerate(column):
-        node, index = (x, 0) if type(x) is Node else (x.node, x.index)
-        if node.batch is None:
-            fill_immediates([node])
-        key = (id(node.batch), index)
-        group = groups.get(key)
-        if group is None:
-            groups[key] = group = (node.batch, index, [], [])
-        group[2].append(pos)
-        group[3].append(node.row)
-    plan, order = _plan_in_order(groups)
-    return _apply(plan, None), order
-
-
 def _plan_in_order(groups):
     """(plan, order) for rows grouped by source, {key: (batch, index, positions, rows)}
     (positions None: the single group, in the order given): the sources one after the
-    other, and within each a shuffle of a contiguous range of rows sorted into a slice."""
+    other, and within each a shuffle of a contiguous range of rows sorted into a slice;
+    ``order`` the batch members' positions in that order, or None for the order given.
+
+    NOTE [row order]: the members of a batch may come in any order (row i of its outputs
+    belongs to its i-th member, whichever that is), and the agenda releases them in the
+    order their inputs finished, which often interleaves their sources: sigmoid(i),
+    sigmoid(f), sigmoid(o) of one chunk() come three rows apart. Gathered in that order
+    the column needs a cat and a reordering index_select (and its backward an index_add
+    into zeros). Ordered by source instead, it needs the cat alone; and rows of one
+    source that are a shuffle of a contiguous range become a zero-copy slice. The batch's
+    outputs then follow that order, so readers of them often find their rows in order
+    too. Grouping the column by source is what gathering it costs anyway: the new order
+    costs one permutation of each column."""
     parts = []
     order = []
     moved = False
     for batch, index, positions, rows in groups.values():
-        r0 = rows[0]
         n = len(rows)
-        if not (rows[-1] - r0 == n - 1 and rows == list(range(r0, r0 + n))):
+        if not _consecutive(rows):
             low = min(rows)
             if max(rows) - low == n - 1:        # perhaps a shuffle of low..low+n-1
                 slots = [-1] * n
@@ -423,6 +373,13 @@ def gather(column, memo=None) -> Tensor:
     """Stack the values of executed lazy tensors along a new dim 0. ``memo`` carries the
     last plan within one batch: the columns of a block's (h, c) inputs come from the same
     nodes, so their rows are located once."""
+    return _gather(column, memo, False)[0]
+
+
+def _gather(column, memo, in_order):
+    """``gather``, and with ``in_order`` also the order of the batch's members that makes
+    the column cheapest (NOTE [row order]): (value, positions), or (value, None) for the
+    order given."""
     nodes = []
     index = 0
     first = column[0]
@@ -431,50 +388,52 @@ def gather(column, memo=None) -> Tensor:
         if type(first.node) is Immediate and first.node.batch is None:
             values = _fresh_immediate_values(column)
             if values is not None:        # word ids, labels: one tensor, no bookkeeping
-                return _scalar_tensor(values, first.node)
+                return _scalar_tensor(values, first.node), None
     for lt in column:
         if type(lt) is Node:                    # a plain node's input: its first output
             if index:
-                return _gather_mixed(column)
+                return _gather_mixed(column, in_order)
             nodes.append(lt)
         elif lt.index != index:
-            return _gather_mixed(column)
+            return _gather_mixed(column, in_order)
         else:
             nodes.append(lt.node)
     if memo is not None and memo[0] == nodes:   # list ==: identity of the same nodes
-        plan = memo[1]
+        plan, order = memo[1], None
     else:
-        plan = _plan(nodes)
+        plan, order = _plan(nodes, in_order)
         if memo is not None:
-            memo[0], memo[1] = nodes, plan
-    return _apply(plan, index)
+            memo[0] = nodes if order is None else [nodes[p] for p in order]
+            memo[1] = plan
+    return _apply(plan, index), order
 
 
-def _gather_mixed(column) -> Tensor:
+def _gather_mixed(column, in_order):
     """Rows of different outputs, e.g. sigmoid(i) and sigmoid(o) of one chunk()."""
     refs = [(lt, 0) if type(lt) is Node else (lt.node, lt.index) for lt in column]
     fill_immediates([node for node, _ in refs])
-    return _apply(_plan_sources([(node.batch, index, node.row) for node, index in refs]),
-                  None)
+    groups = _groups_by_source([(node.batch, index, node.row) for node, index in refs])
+    plan, order = _plan_in_order(groups) if in_order else (_plan_groups(groups), None)
+    return _apply(plan, None), order
 
 
-def _plan(nodes):
+def _plan(nodes, in_order):
+    """(plan, order) for the first outputs of ``nodes`` (order: see ``_gather``)."""
     batch = nodes[0].batch
     if batch is None:               # an immediate, first gathered now
         fill_immediates(nodes)
         batch = nodes[0].batch
     rows = []
     for node in nodes:
-        if node.batch is not batch:
-            return _plan_nodes(nodes)
+        if node.batch is not batch:     # a Tree-LSTM's children lie in many batches
+            groups = _groups_by_batch(nodes)
+            break
         rows.append(node.row)
-    return _plan_rows(batch, None, rows)
-
-
-def _plan_nodes(nodes):
-    """``_plan_sources`` for first outputs (a Tree-LSTM's children lie in many earlier
-    batches)."""
-    return _plan_groups(_groups_by_batch(nodes))
+    else:
+        if not in_order:
+            return _plan_rows(batch, None, rows), None
+        groups = {0: (batch, None, None, rows)}
+    return _plan_in_order(groups) if in_order else (_plan_groups(groups), None)
 
 
 _FILLING = ()
@@ -536,18 +495,21 @@ def _long_tensor(values, dtype=torch.int64, device=None) -> Tensor:
     return out if device is None or device.type == "cpu" else out.to(device)
 
 
-def _plan_rows(batch, index, rows):
+def _consecutive(rows) -> bool:
     r0 = rows[0]
-    n = len(rows)
-    if rows[-1] - r0 == n - 1 and rows == list(range(r0, r0 + n)):
-        return (_SLICE, batch, index, r0, n)
+    return rows[-1] - r0 == len(rows) - 1 and rows == list(range(r0, r0 + len(rows)))
+
+
+def _plan_rows(batch, index, rows):
+    if _consecutive(rows):
+        return (_SLICE, batch, index, rows[0], len(rows))
     # index_select, not stack: the rows live in one tensor, so one gather kernel
     return (_INDEX, batch, index, _long_tensor(rows, device=batch[0].device))
 
 
-def _plan_sources(sources):
-    """Rows from several outputs: one slice or index_select per output, one cat, and one
-    index_select to restore the order when the outputs interleave."""
+def _groups_by_source(sources) -> dict:
+    """(batch, index, row) triples grouped by output: {key: (batch, index, positions,
+    rows)}, for ``_plan_groups`` or ``_plan_in_order``."""
     groups: dict = {}
     for pos, (batch, index, row) in enumerate(sources):
         key = (id(batch), index)
@@ -556,11 +518,13 @@ def _plan_sources(sources):
             groups[key] = group = (batch, index, [], [])
         group[2].append(pos)
         group[3].append(row)
-    return _plan_groups(groups)
+    return groups
 
 
 def _plan_groups(groups):
-    """The plan for rows grouped by source: {key: (batch, index, positions, rows)}."""
+    """The plan for rows grouped by source, {key: (batch, index, positions, rows)}: one
+    slice or index_select per source, one cat, and one index_select to restore the order
+    when the sources interleave."""
     if len(groups) == 1:
         batch, index, _, rows = next(iter(groups.values()))
         return _plan_rows(batch, index, rows)

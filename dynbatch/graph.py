@@ -141,6 +141,6 @@ def _may_read_an_immediate(node) -> bool:
     if node.args is None:
         return node.batch is not None
     items = []
-    for a in node.args or ():
+    for a in node.args:
         items.extend(a if type(a) in (tuple, list) else (a,))
     return any(type(getattr(x, "node", None)) is Immediate for x in items)

@@ -820,25 +820,19 @@ def test_alike_inputs_from_several_batches_gather_as_one(strategy, monkeypatch):
     # children lie in several batches; while they lie in one (the leaves), four of n rows.
     from dynbatch import execute
     per_batch = []
-    real_run, real_gather = execute.run_batch, execute.gather
-    real_in_order = execute._gather_in_order
+    real_run, real_gather = execute.run_batch, execute._gather
 
     def run_batch(nodes, info):
         per_batch.append((info.name, len(nodes), []))
         return real_run(nodes, info)
 
-    def gather(column, memo=None):
+    def gather(column, memo, in_order):     # every gather, the first column's too
         if per_batch:
             per_batch[-1][2].append(len(column))
-        return real_gather(column, memo)
-
-    def gather_in_order(column, memo):      # a first column gathered alone (NOTE [row order])
-        per_batch[-1][2].append(len(column))
-        return real_in_order(column, memo)
+        return real_gather(column, memo, in_order)
 
     monkeypatch.setattr(execute, "run_batch", run_batch)
-    monkeypatch.setattr(execute, "gather", gather)
-    monkeypatch.setattr(execute, "_gather_in_order", gather_in_order)
+    monkeypatch.setattr(execute, "_gather", gather)
     torch.manual_seed(5)
     V = nn.Parameter(torch.randn(3))
     W = nn.Parameter(torch.randn(6, 6) * 0.5)
