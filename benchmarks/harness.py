@@ -14,9 +14,11 @@ Method, in one place:
   r-th chunk of the data, the same chunk for every implementation. Throughput is the median
   over rounds; a ratio is the median of the per-round ratios, and the per-round ratios are
   kept. The cell the issue's targets are judged on (``TARGET_CELL``: SST 128/128, B=64, one
-  thread) runs ``target_repeats`` rounds: on this shared machine one run's blocks ratio
-  has ranged 0.54-0.84 between runs of the same code, and three rounds decide a verdict
-  on one unlucky round.
+  thread) runs ``target_repeats`` rounds of ``target_examples`` examples: on this shared
+  machine the blocks ratio ranged 0.54-0.84 between runs of the same code with three
+  rounds of one minibatch (a verdict decided by one unlucky round), and 0.36-0.95 between
+  the nine rounds of one run when each round timed a single minibatch (some 0.15 s, as
+  long as a burst of another tenant's work).
 * Unbatched eager is timed on at most ``eager_examples`` examples per round (the first ones
   of the round's chunk, as one minibatch): its per-example cost does not depend on the
   minibatch size, and a full minibatch of 256 would take longer than the rest of the cell.
@@ -105,6 +107,7 @@ class Config:
     threads: tuple = DEFAULT_THREADS
     repeats: int = 3
     target_repeats: int = 9      # rounds of TARGET_CELL (at least ``repeats``)
+    target_examples: int = 256   # examples per round of TARGET_CELL (at least ``examples``)
     limit: int = 1024
     examples: int = 64           # examples per timed round (at least one minibatch)
     eager_examples: int = 8      # eager's cap per round
@@ -379,17 +382,23 @@ def examples_per_round(cfg: Config, B: int) -> int:
     return max(B, min(cfg.examples, 8 * B))
 
 
-def repeats_of(cfg: Config, task: str, B: int, threads: int) -> int:
-    if (task, B, threads) == TARGET_CELL:
-        return max(cfg.repeats, cfg.target_repeats)
-    return cfg.repeats
-
-
-def _rounds_data(task: T.TaskData, cfg: Config, B: int,
-                 repeats: int) -> list[list[list[int]]]:
-    """Per round, its minibatches as example indices (round r: the r-th chunk, wrapping)."""
+def cell_plan(cfg: Config, task: str, B: int, threads: int) -> tuple[int, int]:
+    """(rounds, examples per round) of a cell; the target cell gets more of both."""
     n = examples_per_round(cfg, B)
-    k = n // B
+    if (task, B, threads) == TARGET_CELL:
+        return max(cfg.repeats, cfg.target_repeats), max(n, cfg.target_examples)
+    return cfg.repeats, n
+
+
+def _cell_work(cfg: Config, task: str, B: int, threads: int) -> int:
+    repeats, n = cell_plan(cfg, task, B, threads)
+    return n * repeats // cfg.repeats       # in units of a default cell's examples
+
+
+def _rounds_data(task: T.TaskData, B: int, repeats: int, n: int) -> list[list[list[int]]]:
+    """Per round, its minibatches as example indices (round r: the r-th chunk of n
+    examples, wrapping)."""
+    k = max(1, n // B)
     total = len(task.examples)
     rounds = []
     for r in range(repeats):
@@ -417,8 +426,8 @@ def time_cell(task: T.TaskData, runners: dict, cfg: Config, B: int, threads: int
               errors: dict) -> list[dict]:
     """Interleaved rounds over every runner; one result row per implementation. A runner
     that raises is reported in ``errors``, dropped from ``runners`` and from the cell."""
-    repeats = repeats_of(cfg, task.name, B, threads)
-    rounds = _rounds_data(task, cfg, B, repeats)
+    repeats, per_round = cell_plan(cfg, task.name, B, threads)
+    rounds = _rounds_data(task, B, repeats, per_round)
     batches = {name: (lambda mbs, name=name: _eager_batches(mbs, cfg.eager_examples)
                       if name == "eager" else mbs) for name in runners}
 
@@ -458,7 +467,7 @@ def time_cell(task: T.TaskData, runners: dict, cfg: Config, B: int, threads: int
         d = rec[name]
         row = {"task": task.name, "impl": name, "threads": threads, "batch": B,
                "examples_timed": d["examples"], "rounds": repeats,
-               "eager_capped": name == "eager" and d["examples"] < examples_per_round(cfg, B),
+               "eager_capped": name == "eager" and d["examples"] < per_round,
                "train_eps": statistics.median(d["train"]), "train_runs": d["train"],
                "infer_eps": statistics.median(d["infer"]), "infer_runs": d["infer"]}
         for mode in ("train", "infer"):
@@ -656,6 +665,8 @@ def run(cfg: Config) -> dict:
             "load_start": os.getloadavg(), "machine": machine_info(),
             "config": {k: v for k, v in asdict(cfg).items() if not k.startswith("out_")},
             "examples_per_round": {B: examples_per_round(cfg, B) for B in cfg.sizes},
+            "target_cell": dict(zip(("task", "batch", "threads"), TARGET_CELL),
+                                **dict(zip(("rounds", "examples"), cell_plan(cfg, *TARGET_CELL)))),
             "interop_threads": torch.get_num_interop_threads()}
     result = {"meta": meta, "tasks": {}, "results": [], "memory": [], "skipped": {},
               "errors": {}, "agreement_ok": True}
@@ -692,8 +703,8 @@ def run(cfg: Config) -> dict:
         for threads in cfg.threads:
             for B in cfg.sizes:
                 cells.append((task, threads, B))
-    progress = Progress([examples_per_round(cfg, B) * len(plans[t.name]) + 16
-                         for t, _, B in cells])
+    progress = Progress([_cell_work(cfg, t.name, B, threads) * len(plans[t.name]) + 16
+                         for t, threads, B in cells])
 
     workdir = Path(tempfile.mkdtemp(prefix="dynbatch-bench-"))
     try:

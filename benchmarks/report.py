@@ -396,12 +396,17 @@ def markdown(result: dict, png_name: str | None) -> str:
 
 
 def _target_rounds(result: dict) -> str:
-    task, B, threads = H.TARGET_CELL
-    rows = _rows(result, task=task, batch=B, threads=threads)
-    n = max((r["rounds"] for r in rows), default=0)
-    if n <= result["meta"]["config"]["repeats"]:
+    cell = result["meta"].get("target_cell")
+    if not cell or not _rows(result, task=cell["task"], batch=cell["batch"],
+                             threads=cell["threads"]):
         return ""
-    return f" ({n} in the cell of the issue's targets, {task} at B={B} with {threads} thread)"
+    if (cell["rounds"], cell["examples"]) == (result["meta"]["config"]["repeats"],
+                                              result["meta"]["examples_per_round"].get(
+                                                  cell["batch"])):
+        return ""
+    return (f" ({cell['rounds']} of {cell['examples']} examples each in the cell of the "
+            f"issue's targets, {cell['task']} at B={cell['batch']} with {cell['threads']} "
+            "thread)")
 
 
 def _load_range(result: dict) -> str:

@@ -60,7 +60,8 @@ def parse_args(argv):
     ap.add_argument("--repeats", type=int, help="interleaved rounds per cell (default 3)")
     ap.add_argument("--target-repeats", type=int,
                     help="rounds of the cell the issue's targets are judged on, sst128 B=64 "
-                         "1 thread (default 9; --quick and --tiny: as --repeats)")
+                         "1 thread, each of 256 examples (default 9; --quick and --tiny: "
+                         "as any other cell)")
     ap.add_argument("--limit", type=int, help="examples loaded per task (default 1024)")
     ap.add_argument("--examples", type=int, default=64,
                     help="examples timed per round (default 64; at least one minibatch, "
@@ -114,7 +115,7 @@ def config(args, argv):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.quick or args.tiny:     # the quick run is the target cell: keep it quick
-        cfg.target_repeats = cfg.repeats
+        cfg.target_repeats, cfg.target_examples = cfg.repeats, 0
     if args.target_repeats is not None:
         cfg.target_repeats = args.target_repeats
     if args.no_memory:

@@ -114,13 +114,17 @@ def test_the_target_cell_runs_more_rounds_and_reports_their_spread():
     from benchmarks import harness, report
     bench = _bench_module()
     full = bench.config(bench.parse_args([]), [])
-    assert harness.repeats_of(full, *harness.TARGET_CELL) == 9
-    assert harness.repeats_of(full, "sst128", 256, 1) == 3
-    assert harness.repeats_of(full, "sst128", 64, 2) == 3
+    assert harness.cell_plan(full, *harness.TARGET_CELL) == (9, 256)
+    assert harness.cell_plan(full, "sst128", 256, 1) == (3, 256)
+    assert harness.cell_plan(full, "sst128", 64, 2) == (3, 64)
     quick = bench.config(bench.parse_args(["--quick"]), ["--quick"])
-    assert harness.repeats_of(quick, *harness.TARGET_CELL) == 3
+    assert harness.cell_plan(quick, *harness.TARGET_CELL) == (3, 64)
     mine = bench.config(bench.parse_args(["--quick", "--target-repeats", "5"]), [])
-    assert harness.repeats_of(mine, *harness.TARGET_CELL) == 5
+    assert harness.cell_plan(mine, *harness.TARGET_CELL) == (5, 64)
+    rounds = harness._rounds_data(type("Task", (), {"examples": list(range(300))}), 64, 9, 256)
+    assert len(rounds) == 9 and all(len(r) == 4 and all(len(mb) == 64 for mb in r)
+                                   for r in rounds)
+    assert rounds[1][0][0] == 256 and rounds[1][0][44] == 0      # the data wraps around
 
     def row(impl, train, runs=None):
         r = {"task": "sst128", "impl": impl, "threads": 1, "batch": 64, "rounds": 3,
