@@ -14,11 +14,14 @@ Method, in one place:
   r-th chunk of the data, the same chunk for every implementation. Throughput is the median
   over rounds; a ratio is the median of the per-round ratios, and the per-round ratios are
   kept. The cell the issue's targets are judged on (``TARGET_CELL``: SST 128/128, B=64, one
-  thread) runs ``target_repeats`` rounds of ``target_examples`` examples: on this shared
-  machine the blocks ratio ranged 0.54-0.84 between runs of the same code with three
-  rounds of one minibatch (a verdict decided by one unlucky round), and 0.36-0.95 between
-  the nine rounds of one run when each round timed a single minibatch (some 0.15 s, as
-  long as a burst of another tenant's work).
+  thread) runs ``target_repeats`` rounds of ``target_examples`` examples, and the report
+  gives the range of its per-round ratios beside each verdict. On this shared machine the
+  blocks ratio ranged 0.54-0.84 between whole runs of the same code with three rounds of
+  one minibatch each (a verdict decided by one unlucky round); over the nine rounds of
+  one run it ranged 0.36-0.95 with rounds of one minibatch (some 0.15 s, as long as a
+  burst of another tenant's work), and 0.41-0.93 with rounds of 256 trees (0.55-0.70 in a
+  run of that cell alone, where a round is over sooner). The median of nine is the figure
+  to quote; the range says how far one round can be trusted.
 * Unbatched eager is timed on at most ``eager_examples`` examples per round (the first ones
   of the round's chunk, as one minibatch): its per-example cost does not depend on the
   minibatch size, and a full minibatch of 256 would take longer than the rest of the cell.
