@@ -222,8 +222,8 @@ def gather_columns(columns) -> tuple[list, list | None]:
     if len(rest[0]) == 1 or not _from_several_batches(columns[0]):
         # the first column is gathered on its own: the batch may take its rows' order
         values[0], order = _gather(columns[0], memo, True)
-        if order is not None:
-            columns = [[column[p] for p in order] for column in columns]
+        if order is not None:           # (the first column is done: the others follow it)
+            columns = [None] + [[column[p] for p in order] for column in columns[1:]]
         rest[0] = rest[0][1:]
     for ks in rest:
         if not ks:
