@@ -20,8 +20,9 @@ Method, in one place:
   one minibatch each (a verdict decided by one unlucky round); over the nine rounds of
   one run it ranged 0.36-0.95 with rounds of one minibatch (some 0.15 s, as long as a
   burst of another tenant's work), and 0.41-0.93 with rounds of 256 trees (0.55-0.70 in a
-  run of that cell alone, where a round is over sooner). The median of nine is the figure
-  to quote; the range says how far one round can be trusted.
+  run of that cell alone, where a round is over sooner: ``scripts/bench.py --tasks sst128
+  --impls hand,dynbatch-blocks-agenda --sizes 64 --threads 1 --no-memory``). The median
+  of nine is the figure to quote; the range says how far one round can be trusted.
 * Unbatched eager is timed on at most ``eager_examples`` examples per round (the first ones
   of the round's chunk, as one minibatch): its per-example cost does not depend on the
   minibatch size, and a full minibatch of 256 would take longer than the rest of the cell.
