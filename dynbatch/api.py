@@ -237,6 +237,7 @@ def _close(run, counters) -> None:
     run.graph = None          # the nodes point at the run; dropping the graph frees them
     run.local_signatures = None
     run.templates = None
+    run.block_sites = None
     if not run.failed:
         profile.publish(stats)
 

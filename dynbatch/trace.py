@@ -84,7 +84,7 @@ class Run:
     __slots__ = ("graph", "strategy", "example", "local_signatures", "closed", "failed",
                  "stats", "block_trace", "main", "rounds", "default_device", "wanted", "scope",
                  "inference", "int_scalar", "signatures_run", "templates",
-                 "__weakref__")
+                 "block_sites", "__weakref__")
 
     def __init__(self, strategy: str, block_trace: bool = False):
         self.graph = Graph()
@@ -104,6 +104,7 @@ class Run:
         self.int_scalar = _scalar_signature(_PY_SCALAR_DTYPE[int], self.default_device)
         self.signatures_run: set = set()   # distinct signatures of the batches run
         self.templates: dict = {}   # Signature -> args of its first node (NOTE [plain nodes])
+        self.block_sites: dict = {}   # the user's line -> its last block call (NOTE [block calls])
 
 
 def current_run():

@@ -599,6 +599,28 @@ def test_block_calls_are_keyed_as_signature_key_keys_them():
         assert new == {key}
 
 
+def test_one_line_calling_a_block_with_changing_arguments_gets_each_call_its_signature():
+    # NOTE [block calls]: a line remembers its last call's key; a call that differs from
+    # it in any item (1 / 1.0 / True, a shape, another module, list or tuple) must not
+    # reuse that call's signature
+    from dynbatch import signature
+    lins = [nn.Linear(3, 3), nn.Linear(3, 3)]
+    with db.autobatch() as run:
+        x3, x1 = torch.tanh(torch.randn(3)), torch.tanh(torch.randn(1))   # x1 broadcasts
+        calls = [(lins[0], (x3, x3), x3, 1), (lins[0], (x3, x3), x3, 1.0),
+                 (lins[0], (x3, x3), x3, True), (lins[1], (x3, x3), x3, 1),
+                 (lins[0], [x3, x3], x3, 1), (lins[0], (x3, x3), x1, 1),
+                 (lins[0], (x3, x3), x3, 1)]
+        keys = []
+        for args in calls:
+            keys.append(signature.signature_key(_mixer.__dynbatch_block__, args, {}, run)[0])
+            _mixer(*args)                # one line for every call
+        nodes = [n for n in run.graph.nodes if n.fn is _mixer.__dynbatch_block__]
+        assert [n.info for n in nodes] == [run.local_signatures[k] for k in keys]
+        assert len({id(n.info) for n in nodes}) == len(calls) - 1   # the last repeats the first
+        run.graph.nodes[:] = []          # nothing to execute
+
+
 def _linear(ex, m):
     return m(ex)
 
