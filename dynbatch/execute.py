@@ -66,8 +66,10 @@ def execute_pending(run, targets=None) -> None:
             wanted = [local[t.id] for t in targets if t.id in local]
     if not pending or wanted == []:
         return
-    batches = schedule(run.strategy, [n.info for n in pending], inputs,
-                       [n.depth for n in pending], offset, wanted)
+    # the agenda reads no depths (its heights come from the graph): not built for it
+    depths = None if run.strategy == "agenda" else [n.depth for n in pending]
+    batches = schedule(run.strategy, [n.info for n in pending], inputs, depths, offset,
+                       wanted)
     del inputs
     t1 = time.perf_counter()
     stats = run.stats

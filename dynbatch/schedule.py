@@ -58,13 +58,13 @@ def depth_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int
 
 
 def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
-                    depths: Sequence[int], offset: int = 0,
+                    depths: Sequence[int] | None, offset: int = 0,
                     targets: Iterable[int] | None = None) -> list[Batch]:
     """DyNet's agenda, critical path first: among the signatures with ready nodes, run the
     one whose ready nodes include the node with the longest path still ahead of it (its
     height: nodes in a chain of users below it), all its ready nodes at once, then release
-    their users. Ties go to the larger group. (``depths`` is not used: heights come from
-    the graph itself, in one backward sweep.)
+    their users. Ties go to the larger group. (``depths`` is not used, and may be None:
+    heights come from the graph itself, in one backward sweep.)
 
     Why not DyNet's "lowest average depth first": a per-node loss is ready as soon as its
     node is, and always has the lowest depth, so it ran once per tree level (20-40 small
