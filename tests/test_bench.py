@@ -172,3 +172,72 @@ def test_time_split_reports_every_phase(tiny_sst: Path, capsys):
     assert out.count("ATen self time") == 2
     per_node = int(out.split("tracing allocates ")[1].split()[0])
     assert 50 < per_node < 5000, out
+
+
+def _in_git_checkout() -> bool:
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _in_git_checkout(), reason="benchmarks/ab.py reads old code from git")
+def test_ab_runs_a_revisions_functions_against_the_trees_and_restores_them(tiny_sst: Path,
+                                                                           capsys):
+    # benchmarks/ab.py: old and new versions in one process. Checked: the old function is
+    # the revision's code bound to the live module (so it calls what the new code calls),
+    # the live one is back afterwards, and the report names every phase.
+    from benchmarks import ab
+    from dynbatch import blocks, schedule
+    live = blocks.record_block
+    [(module, name, old, new)] = ab.old_functions("dynbatch.blocks:record_block", "HEAD")
+    assert (module, name, new) == (blocks, "record_block", live)
+    assert old is not live and old.__globals__ is vars(blocks)
+    [(_, _, old_agenda, _)] = ab.old_functions("dynbatch.schedule:agenda_schedule", "HEAD")
+    sigs, inputs = ["a", "a", "b"], [(), (), (0, 1)]
+    assert old_agenda(sigs, inputs, None) == schedule.agenda_schedule(sigs, inputs, None)
+    with pytest.raises(SystemExit, match="no_such_function"):
+        ab.old_functions("dynbatch.blocks:no_such_function", "HEAD")
+    ab.main(["dynbatch.blocks:record_block", "--sst-dir", str(tiny_sst), "--batch", "2",
+             "--rounds", "1"])
+    assert blocks.record_block is live
+    out = capsys.readouterr().out
+    for part in ("forward", "trace", "schedule", "execute"):
+        assert f"  {part} " in out and "new/old" in out
+
+
+def test_where_sorts_profiler_samples_into_the_parts_of_a_step():
+    # benchmarks/where.py: py-spy's samples of the step loop -> shares of a step. The
+    # sorting is checked on made-up stacks (py-spy itself is optional, and not run here).
+    from benchmarks import where
+    source = (ROOT / "dynbatch" / "execute.py").read_text().splitlines()
+    store_line = 1 + next(i for i, t in enumerate(source) if t.strip() == "node.batch = out")
+    loop = ("<module> (benchmarks/where.py:150);main (benchmarks/where.py:131);"
+            "main.<locals>.step_loop (benchmarks/where.py:118);")
+    run = (loop + "TorchRunner.train_step (benchmarks/harness.py:160);"
+           "_Batched.__call__ (dynbatch/api.py:92);run_batched (dynbatch/api.py:145);")
+    execute = run + "execute_pending (dynbatch/execute.py:99);run_batch (dynbatch/execute.py:192);"
+    samples = {
+        loop + "Tensor.backward (torch/_tensor.py:625);_engine_run_backward "
+               "(torch/autograd/graph.py:979)": "backward",
+        loop + "Adam.step (torch/optim/adam.py:238)": "optimizer",
+        "_trace_examples.<locals>.trace_one (dynbatch/api.py:171);record_block "
+        "(dynbatch/blocks.py:147)": "dynbatch: trace (model code and recording)",
+        run + "execute_pending (dynbatch/execute.py:69);agenda_schedule "
+              "(dynbatch/schedule.py:80)": "dynbatch: schedule",
+        execute + f"_store (dynbatch/execute.py:{store_line})": "dynbatch: execute bookkeeping",
+        execute + "replay (<dynbatch block BinaryTreeLSTM.node>:21)": "batched torch work",
+        execute + "replay (<dynbatch block X>:3);_hot_wrapper.<locals>.hot "
+                  "(dynbatch/trace.py:172)": "batched torch work",
+        loop + "TorchRunner.train_step (benchmarks/harness.py:160);"
+               "handbatched_binary_treelstm_loss (benchmarks/handbatched.py:80)":
+            "forward (not dynbatch)",
+        "<module> (benchmarks/where.py:123);import_module (importlib/__init__.py:126)": None,
+    }
+    for stack, expected in samples.items():
+        assert where.category(stack) == expected, stack
+    counts, total = where.shares([f"{stack} 3" for stack in samples] + ["", "garbage"])
+    assert total == 3 * (len(samples) - 1)
+    assert counts["batched torch work"] == 6 and counts["backward"] == 3
