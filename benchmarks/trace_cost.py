@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dynbatch as db  # noqa: E402
+from benchmarks import tasks as T  # noqa: E402
 from dynbatch import trace  # noqa: E402
 
 N = 20000
@@ -43,6 +44,7 @@ def measure(body) -> float:
 
 W = torch.randn(128, 128)
 lin = torch.nn.Linear(128, 128)
+tree_lstm = T.BlocksBinaryTreeLSTM(10, 128, 128, 5)     # leaf, node and node_loss are blocks
 CASES = {
     "x * y  (operator)": lambda x, y: [x * y for _ in range(N)],
     "x.sigmoid()  (Tensor method)": lambda x, y: [x.sigmoid() for _ in range(N)],
@@ -52,6 +54,8 @@ CASES = {
     "x.chunk(4)  (4 outputs)": lambda x, y: [x.chunk(4) for _ in range(N)],
     "F.linear(x, W)  (shared weight)": lambda x, y: [F.linear(x, W) for _ in range(N)],
     "lin(x)  (nn.Linear block)": lambda x, y: [lin(x) for _ in range(N)],
+    "model.node((x,y), (y,x))  (@db.block method)":
+        lambda x, y: [tree_lstm.node((x, y), (y, x)) for _ in range(N)],
     "torch.tensor(i)  (per-example constant)": lambda x, y: [torch.tensor(i) for i in range(N)],
 }
 

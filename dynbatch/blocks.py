@@ -133,8 +133,10 @@ def record_block(fn, args, kwargs):
     call from there whose key list equals it (item by item, mostly by identity: tkeys are
     the signatures' own tuples) skips making the key a tuple and hashing it (a tkey's
     device and dtype hash slowly), and the site lookup. With that, and types known not
-    to be tensors skipping ``isinstance(a, Tensor)`` (0.15 us for a module), a call
-    costs 10% less (``node`` 4.2 -> 3.7 us, same process, alternating).
+    to be tensors skipping ``isinstance(a, Tensor)`` (0.15 us for a module), tracing an
+    SST minibatch costs 8% less, old and new code alternating in one process (``python
+    benchmarks/ab.py dynbatch.blocks:record_block --rev ffa9add~1``); a node cell call
+    costs 3.7 us (``python benchmarks/trace_cost.py``).
 
     NOTE [block edges]: a block node's ``inputs`` serve only the scheduler (the executor
     reads its arguments), so they list each input node once where it repeats (a cell's h
