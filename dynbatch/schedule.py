@@ -3,7 +3,8 @@
 Input, for n nodes numbered 0..n-1 in a topological order: ``signatures[i]`` (any hashable;
 nodes with equal signatures may run as one call), ``inputs[i]`` (the numbers of the nodes i
 reads, plus ``offset``; duplicates allowed; numbers below ``offset`` name nodes that already
-ran and are ignored) and ``depths[i]`` (longest path from a source). With ``targets`` (node
+ran and are ignored) and ``depths[i]`` (longest path from a source; read by the depth
+strategy only, so None will do for the agenda). With ``targets`` (node
 numbers, without the offset), only the targets and what they need are scheduled (NOTE [dead
 code] in execute.py); otherwise every node. Output: a list of ``Batch``; every scheduled node
 appears in exactly one, each batch holds one signature, and every input of a node lies in
