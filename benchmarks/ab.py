@@ -18,6 +18,7 @@ median of the per-minibatch new/old ratios (the figure to quote).
 from __future__ import annotations
 
 import argparse
+import os
 import ast
 import importlib
 import statistics
@@ -66,11 +67,15 @@ def main(argv=None) -> None:
     ap.add_argument("--mode", choices=("train", "infer"), default="train")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=8, help="passes over 4 minibatches")
-    ap.add_argument("--sst-dir", default=str(ROOT.parent / "shared" / "data" / "sst"))
+    ap.add_argument("--sst-dir", default=os.environ.get(
+        "DYNBATCH_SST_DIR", str(ROOT.parent / "shared" / "data" / "sst")))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     swaps = [s for spec in args.functions for s in old_functions(spec, args.rev)]
-    task = T.load_task("sst128", limit=args.batch * 4, sst_dir=Path(args.sst_dir))
+    try:
+        task = T.load_task("sst128", limit=args.batch * 4, sst_dir=Path(args.sst_dir))
+    except T.DataMissing as err:      # the message names the path and the option
+        sys.exit(str(err))
     impl = T.torch_impl("sst128", args.impl)
     if impl is None or not impl.uses_dynbatch:
         sys.exit(f"{args.impl} is not a dynbatch implementation of sst128")
