@@ -18,7 +18,6 @@ median of the per-minibatch new/old ratios (the figure to quote).
 from __future__ import annotations
 
 import argparse
-import os
 import ast
 import importlib
 import statistics
@@ -44,15 +43,13 @@ def old_functions(spec: str, rev: str) -> list[tuple[types.ModuleType, str, obje
     source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"],
                             capture_output=True, text=True, check=True).stdout
     wanted = names.split(",")
-    found = {}
+    found: dict = {}
     for node in ast.parse(source).body:
         if isinstance(node, ast.FunctionDef) and node.name in wanted:
-            scratch = dict(vars(module))
-            exec(compile(ast.Module([node], []), f"<{rev}:{path}>", "exec"), scratch)
-            fn = scratch[node.name]
-            # bound to the live module's globals, so it calls what the new code calls
-            found[node.name] = types.FunctionType(fn.__code__, vars(module), fn.__name__,
-                                                  fn.__defaults__, fn.__closure__)
+            # the live module's globals, so it calls what the new code calls; the def
+            # binds in ``found`` and leaves the live function in place
+            exec(compile(ast.Module([node], []), f"<{rev}:{path}>", "exec"), vars(module),
+                 found)
     missing = [n for n in wanted if n not in found]
     if missing:
         sys.exit(f"{', '.join(missing)}: no such module-level function in {rev}:{path}")
@@ -67,15 +64,13 @@ def main(argv=None) -> None:
     ap.add_argument("--mode", choices=("train", "infer"), default="train")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=8, help="passes over 4 minibatches")
-    ap.add_argument("--sst-dir", default=os.environ.get(
-        "DYNBATCH_SST_DIR", str(ROOT.parent / "shared" / "data" / "sst")))
+    ap.add_argument("--sst-dir", default=None,
+                    help="default: $DYNBATCH_SST_DIR, else ../shared/data/sst")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     swaps = [s for spec in args.functions for s in old_functions(spec, args.rev)]
-    try:
-        task = T.load_task("sst128", limit=args.batch * 4, sst_dir=Path(args.sst_dir))
-    except T.DataMissing as err:      # the message names the path and the option
-        sys.exit(str(err))
+    task = T.load_task_or_exit("sst128", limit=args.batch * 4,
+                               sst_dir=T.sst_dir(args.sst_dir))
     impl = T.torch_impl("sst128", args.impl)
     if impl is None or not impl.uses_dynbatch:
         sys.exit(f"{args.impl} is not a dynbatch implementation of sst128")

@@ -71,6 +71,23 @@ class DataMissing(Exception):
     """The task's data is not on this machine; the message says what was looked for."""
 
 
+def sst_dir(explicit=None) -> Path:
+    """Where the benchmarks read SST: ``explicit``, else $DYNBATCH_SST_DIR, else
+    ../shared/data/sst beside the repository (existence is checked by the loader)."""
+    from dynbatch.data import sst
+    return sst.sst_dir(explicit or None) or \
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "sst"
+
+
+def load_task_or_exit(name: str, *, limit: int, sst_dir: Path, tiny: bool = False) -> TaskData:
+    """``load_task`` for a command-line tool: missing data ends the tool with the message
+    (which names the path it tried and how to give another), not a traceback."""
+    try:
+        return load_task(name, limit=limit, sst_dir=sst_dir, tiny=tiny)
+    except DataMissing as err:
+        raise SystemExit(str(err)) from None
+
+
 # ---------------------------------------------------------------------------------------
 # data
 

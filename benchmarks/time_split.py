@@ -14,7 +14,6 @@ For the full comparison use scripts/bench.py; this is the instrument for one cha
 from __future__ import annotations
 
 import argparse
-import os
 import collections
 import sys
 import time
@@ -36,18 +35,15 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--minibatches", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--sst-dir", default=os.environ.get(
-        "DYNBATCH_SST_DIR", str(ROOT.parent / "shared" / "data" / "sst")))
+    ap.add_argument("--sst-dir", default=None,
+                    help="default: $DYNBATCH_SST_DIR, else ../shared/data/sst")
     ap.add_argument("--profile", action="store_true",
                     help="instead: torch.profiler's ATen self time of one training step of "
                          "each implementation, and the Python memory tracing allocates")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    try:
-        task = T.load_task(args.task, limit=args.batch * args.minibatches,
-                           sst_dir=Path(args.sst_dir))
-    except T.DataMissing as err:      # the message names the path and the option
-        sys.exit(str(err))
+    task = T.load_task_or_exit(args.task, limit=args.batch * args.minibatches,
+                           sst_dir=T.sst_dir(args.sst_dir))
     model = T.make_model(task)
     impls = {name: T.torch_impl(args.task, name) for name in ("hand", args.impl)}
     if impls[args.impl] is None:

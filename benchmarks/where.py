@@ -118,8 +118,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--rate", type=int, default=250, help="samples per second")
     ap.add_argument("--raw", help="also keep py-spy's samples (stack count per line) here")
-    ap.add_argument("--sst-dir", default=os.environ.get(
-        "DYNBATCH_SST_DIR", str(ROOT.parent / "shared" / "data" / "sst")))
+    ap.add_argument("--sst-dir", default=None,
+                    help="default: $DYNBATCH_SST_DIR, else ../shared/data/sst")
     args = ap.parse_args(argv)
     spy = shutil.which("py-spy")
     if spy is None:
@@ -127,10 +127,8 @@ def main(argv=None) -> None:
     from benchmarks import harness as H
     from benchmarks import tasks as T
     torch.set_num_threads(1)
-    try:
-        task = T.load_task(args.task, limit=args.batch * 4, sst_dir=Path(args.sst_dir))
-    except T.DataMissing as err:      # the message names the path and the option
-        sys.exit(str(err))
+    task = T.load_task_or_exit(args.task, limit=args.batch * 4,
+                               sst_dir=T.sst_dir(args.sst_dir))
     runner = H.make_runner(args.task, args.impl, T.make_model(task))
     batches = T.minibatches(task.examples, args.batch, 4)
     step = runner.train_step if args.mode == "train" else runner.infer

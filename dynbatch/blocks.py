@@ -134,7 +134,7 @@ def record_block(fn, args, kwargs):
     the signatures' own tuples) skips making the key a tuple and hashing it (a tkey's
     device and dtype hash slowly), and the site lookup. With that, and types known not
     to be tensors skipping ``isinstance(a, Tensor)`` (0.15 us for a module), tracing an
-    SST minibatch costs 8% less, old and new code alternating in one process (``python
+    SST minibatch costs 5-8% less, old and new code alternating in one process (``python
     benchmarks/ab.py dynbatch.blocks:record_block --rev ffa9add~1``); a node cell call
     costs 3.7 us (``python benchmarks/trace_cost.py``).
 

@@ -100,8 +100,8 @@ def parse_args(argv):
 
 
 def config(args, argv):
-    import os
     from benchmarks import harness as H
+    from benchmarks import tasks as T
     cfg = H.Config()
     if args.quick:
         cfg.tasks, cfg.sizes, cfg.threads, cfg.memory_sizes = ("sst128",), (64,), (1,), (64,)
@@ -123,8 +123,7 @@ def config(args, argv):
     if cfg.memory_steps < 1:
         sys.exit("--memory-steps must be at least 1")
     cfg.examples, cfg.eager_examples = args.examples, args.eager_examples
-    cfg.sst_dir = str(args.sst_dir or os.environ.get("DYNBATCH_SST_DIR")
-                      or (ROOT.parent / "shared" / "data" / "sst"))
+    cfg.sst_dir = str(T.sst_dir(args.sst_dir))
     cfg.command = "python scripts/bench.py" + ("" if not argv else " " + shlex.join(argv))
     partial = (args.quick or args.tiny or any(getattr(args, n) is not None for n in
                                               ("tasks", "impls", "sizes", "threads", "limit")))

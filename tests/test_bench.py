@@ -198,6 +198,8 @@ def test_ab_runs_a_revisions_functions_against_the_trees_and_restores_them(tiny_
     [(_, _, old_agenda, _)] = ab.old_functions("dynbatch.schedule:agenda_schedule", "HEAD")
     sigs, inputs = ["a", "a", "b"], [(), (), (0, 1)]
     assert old_agenda(sigs, inputs, None) == schedule.agenda_schedule(sigs, inputs, None)
+    [(_, _, old_batched, _)] = ab.old_functions("dynbatch.api:batched", "HEAD")
+    assert old_batched.__kwdefaults__ == {"strategy": "agenda"}     # keyword-only defaults
     with pytest.raises(SystemExit, match="no_such_function"):
         ab.old_functions("dynbatch.blocks:no_such_function", "HEAD")
     ab.main(["dynbatch.blocks:record_block", "--sst-dir", str(tiny_sst), "--batch", "2",
@@ -238,6 +240,8 @@ def test_where_sorts_profiler_samples_into_the_parts_of_a_step():
     }
     for stack, expected in samples.items():
         assert where.category(stack) == expected, stack
+    # an example's trace runs in its own greenlet, whose stacks start at this function
+    assert "def trace_one(" in (ROOT / "dynbatch" / "api.py").read_text()
     counts, total = where.shares([f"{stack} 3" for stack in samples] + ["", "garbage"])
     assert total == 3 * (len(samples) - 1)
     assert counts["batched torch work"] == 6 and counts["backward"] == 3
