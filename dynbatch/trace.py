@@ -335,17 +335,17 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
     # the user's line: inline for the common case (the recorder's caller's caller is theirs)
     frame = _getframe(3)
     code = frame.f_code
-    if _internal_files.get(code.co_filename) is not False:
-        frame = frame.f_back        # through a hot-function wrapper: one frame more
-        code = frame.f_code if frame is not None else None
-    if code is not None and _internal_files.get(code.co_filename) is False:
+    if code is _HOT_CODE and frame.f_back is not None:     # through a hot-function
+        frame = frame.f_back                               # wrapper: one frame more
+        code = frame.f_code
+    if _internal_files.get(code.co_filename) is False:
         # one shared (code, offset) tuple per site, not one per node (56 bytes each)
         where_key = (id(code), frame.f_lasti)
         site = _SITES.get(where_key)
         if site is None:
             site = remember_site(where_key, code)
-    else:
-        site = raw_site(5)
+    else:       # a file seen for the first time, or a path with more frames: walk up
+        site = raw_site(4)
     # kwargs or None: a call with no keywords still brings a fresh empty dict (64 bytes)
     node = Node(len(nodes), fn, args, kwargs or None, info, inputs, depth + 1, run.example,
                 site, run)
@@ -373,6 +373,7 @@ def constant(run: Run, value: Tensor, site=None) -> LazyTensor:
 
 
 _torch_tensor = torch.tensor
+_HOT_CODE = _hot_wrapper(torch.sigmoid).__code__     # every hot wrapper runs this code
 _PY_SCALAR_DTYPE = {int: torch.int64, bool: torch.bool, float: None}
 _SCALAR_SHAPE = torch.Size([])
 

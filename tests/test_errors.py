@@ -16,7 +16,7 @@ from torch import nn
 
 import dynbatch as db
 from dynbatch import blocks, trace
-from dynbatch.errors import (BlockError, DynbatchError, ExecuteError, MixedRunError,
+from dynbatch.errors import (BlockError, DynbatchError, ExecuteError, MixedRunError, Site,
                              TraceError, UnsupportedError)
 
 ORIGINAL_MODULE_CALL = nn.Module.__call__
@@ -363,3 +363,36 @@ def test_execution_error_names_the_first_failing_example_whatever_the_row_order(
         db.batched(lookup, strategy=strategy)([0, 8, 1, 9, 2])
     assert_names(str(info.value), 1, "bad-index")
     assert "examples[3]" not in str(info.value)
+
+
+FRESH_USER_FILE = """\
+import torch
+
+
+def ops(x):
+    a = x * 2                      # a Tensor method
+    b = torch.tanh(a)              # a hot function (patched while a run records)
+    return torch.erf(b)            # a torch function reaching the mode
+"""
+
+
+@pytest.mark.parametrize("route", ["method", "hot", "mode"])
+def test_a_user_file_seen_for_the_first_time_gets_its_own_line(tmp_path, monkeypatch, route):
+    # The recorder looks a node's line up by file name; a file not seen before must be
+    # walked to, not skipped for its caller (this file, already known as the user's).
+    import importlib
+    name = f"fresh_user_{route}"
+    (tmp_path / f"{name}.py").write_text(FRESH_USER_FILE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fresh = importlib.import_module(name)
+    fresh.torch = torch
+    first = {"method": 5, "hot": 6, "mode": 7}[route]
+    with db.autobatch() as run:
+        x = torch.tensor([0.5, -1.0, 2.0])     # per-example data: a lazy tensor
+        if route == "method":
+            x * 3                       # this file is known as the user's before ...
+        fresh.ops(x)                    # ... the fresh one is met
+        sites = [Site.of(n.site) for n in run.graph.nodes if n.fn is not None]
+    lines = [(os.path.basename(s.filename), s.lineno) for s in sites if s is not None]
+    assert (f"{name}.py", first) in lines, lines
+    assert [line for f, line in lines if f == f"{name}.py"] == [5, 6, 7], lines
