@@ -20,7 +20,8 @@ class Node:
 
     After execution ``batch`` holds the tuple of batched outputs of the call that computed
     it and ``row`` its row in them (NOTE [batch dim]: dim 0 of every batched tensor is the
-    batch; row i belongs to the i-th node of that batch).
+    batch; row i belongs to the i-th node of that batch); ``execute.FREED`` once nothing
+    can read them any more (NOTE [freeing] in execute.py).
     """
 
     __slots__ = ("id", "fn", "args", "kwargs", "info", "inputs", "depth", "example", "site",

@@ -199,3 +199,96 @@ def test_signature_cache_bounded_with_fresh_shared_tensors():
         if step in (20, 199):
             sizes.append(len(signature.GLOBAL_SIGNATURES))
     assert sizes[1] - sizes[0] < 20, f"cache grew {sizes[1] - sizes[0]} entries in 179 runs"
+
+
+def _watch_batches(monkeypatch):
+    """Weak references to every batch's outputs as it is stored, and, as each batch is
+    about to run, which earlier batch outputs are still alive (by batch number)."""
+    import weakref
+    from dynbatch import execute
+    stored, alive_at = [], []
+    original_store, original_run = execute._store, execute.run_batch
+
+    def store(nodes, out):
+        stored.append([weakref.ref(t) for t in out])
+        original_store(nodes, out)
+
+    def run_batch(nodes, info):
+        alive_at.append({k for k, refs in enumerate(stored)
+                         if any(r() is not None for r in refs)})
+        original_run(nodes, info)
+
+    monkeypatch.setattr(execute, "_store", store)
+    monkeypatch.setattr(execute, "run_batch", run_batch)
+    return stored, alive_at
+
+
+def _chain_of_adds(x):
+    # an add keeps neither input for its backward: once the next add has read a value,
+    # only dynbatch's graph could keep it alive
+    for k in range(6):
+        x = x + float(k)
+    return (x * x).sum()
+
+
+def test_values_no_reader_needs_are_freed_while_the_run_executes(monkeypatch):
+    # NOTE [freeing]: without it every intermediate batch output lived until the run ended
+    stored, alive_at = _watch_batches(monkeypatch)
+    xs = [torch.randn(5, requires_grad=True) for _ in range(4)]
+    outs = db.batched(_chain_of_adds)(xs)
+    assert len(stored) >= 7 and len(alive_at) == len(stored)
+    # by the last batch, the early adds' outputs are gone: at most the last few live
+    assert len(alive_at[-1]) <= 3, alive_at[-1]
+    assert 1 not in alive_at[-1] and 2 not in alive_at[-1]
+    torch.stack(outs).sum().backward()
+    for x, out in zip(xs, outs):
+        y = x.detach().clone().requires_grad_()
+        expected = _chain_of_adds(y)
+        expected.backward()
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+STASH = []
+
+
+def _stashing_chain(x):
+    y = x + 1.0
+    STASH.append(y)             # a lazy tensor escapes the run: it must stay readable
+    return (y + 2.0).sum()
+
+
+def test_a_value_still_held_is_not_freed():
+    STASH.clear()
+    xs = [torch.randn(3) for _ in range(3)]
+    outs = db.batched(_stashing_chain)(xs)
+    for x, y, out in zip(xs, STASH, outs):
+        torch.testing.assert_close(y.value, x + 1.0)
+        torch.testing.assert_close(out, (x + 3.0).sum())
+    STASH.clear()
+    # in a scope the user's own variables hold values across reads and the scope's end
+    with db.autobatch():
+        firsts = [torch.tensor([float(i)]) + 1.0 for i in range(3)]
+        seconds = [f * 2.0 for f in firsts]
+        assert seconds[1].item() == 4.0          # executes everything pending
+        thirds = [f + s for f, s in zip(firsts, seconds)]    # reads firsts again
+    assert [f.value.item() for f in firsts] == [1.0, 2.0, 3.0]
+    assert [t.value.item() for t in thirds] == [3.0, 6.0, 9.0]
+
+
+def test_a_result_that_another_node_reads_is_not_freed():
+    def both(x):
+        y = torch.tanh(x)
+        return y, (y * 3.0).sum()
+
+    xs = [torch.randn(4) for _ in range(3)]
+    outs = db.batched(both)(xs)
+    for x, (y, s) in zip(xs, outs):
+        torch.testing.assert_close(y, torch.tanh(x))
+        torch.testing.assert_close(s, (torch.tanh(x) * 3.0).sum())
+
+
+def test_reading_a_freed_value_is_an_error_not_a_wrong_value():
+    from dynbatch import execute
+    with pytest.raises(RuntimeError, match="NOTE \\[freeing\\]"):
+        execute.FREED[0]
