@@ -153,8 +153,9 @@ def _release(members, inputs, offset, uses, pending) -> None:
     batch outputs alive as the forward ends, 92 MB before, 2 MB now; the step's peak
     resident Δ 131 MB before, 98 MB now (hand-batched: 54 MB), most of the rest being the
     graph itself (a Python heap peak of 58 MB, tracemalloc). Counting the uses and letting
-    go costs about what the larger allocator churn saved: the forward went x0.99 per-op,
-    x0.98 blocks (``python benchmarks/ab.py dynbatch.execute:execute_pending --rev REV``)."""
+    go cost no time that one process could measure: old and new code alternating, the
+    forward went x0.99 per-op and x0.98 blocks (``python benchmarks/ab.py
+    dynbatch.execute:execute_pending --rev REV``)."""
     for i in members:
         for j in inputs[i]:
             j -= offset
