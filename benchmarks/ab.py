@@ -60,6 +60,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("functions", nargs="+", help="module:function[,function...]")
     ap.add_argument("--rev", default="HEAD", help="where the old versions come from")
+    ap.add_argument("--task", choices=T.TASKS, default="sst128")
     ap.add_argument("--impl", default="dynbatch-blocks-agenda")
     ap.add_argument("--mode", choices=("train", "infer"), default="train")
     ap.add_argument("--batch", type=int, default=64)
@@ -69,11 +70,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     swaps = [s for spec in args.functions for s in old_functions(spec, args.rev)]
-    task = T.load_task_or_exit("sst128", limit=args.batch * 4,
+    task = T.load_task_or_exit(args.task, limit=args.batch * 4,
                                sst_dir=T.sst_dir(args.sst_dir))
-    impl = T.torch_impl("sst128", args.impl)
+    impl = T.torch_impl(args.task, args.impl)
     if impl is None or not impl.uses_dynbatch:
-        sys.exit(f"{args.impl} is not a dynbatch implementation of sst128")
+        sys.exit(f"{args.impl} is not a dynbatch implementation of {args.task}")
     model = impl.prepare(T.make_model(task))
     batches = T.minibatches(task.examples, args.batch, 4)
 
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
                     times[version].append(forward(batch))
     finally:
         use(3)
-    print(f"sst128 {args.impl} {args.mode}, B={args.batch}, {len(times[2])} minibatches each; "
+    print(f"{args.task} {args.impl} {args.mode}, B={args.batch}, {len(times[2])} minibatches each; "
           f"old = {args.rev}: {' '.join(args.functions)}; CPU ms per minibatch")
     for k, part in enumerate(("forward", "trace", "schedule", "execute")):
         old = [t[k] for t in times[2]]

@@ -208,6 +208,10 @@ def test_ab_runs_a_revisions_functions_against_the_trees_and_restores_them(tiny_
     out = capsys.readouterr().out
     for part in ("forward", "trace", "schedule", "execute"):
         assert f"  {part} " in out and "new/old" in out
+    # any task: the standard library's ASTs need no data directory
+    ab.main(["dynbatch.execute:execute_pending", "--task", "ast", "--impl", "dynbatch-agenda",
+             "--batch", "2", "--rounds", "1"])
+    assert capsys.readouterr().out.startswith("ast dynbatch-agenda train, B=2")
 
 
 def test_where_sorts_profiler_samples_into_the_parts_of_a_step():
