@@ -2,7 +2,7 @@
 
     python benchmarks/time_split.py                          # SST128 blocks form, B=64
     python benchmarks/time_split.py --impl dynbatch-agenda --batch 16 --rounds 3
-    python benchmarks/time_split.py --profile        # ATen time of one step; graph bytes
+    python benchmarks/time_split.py --profile        # ATen time of one step; Python memory
 
 Both implementations run interleaved in one process, 1 thread, on the same minibatches
 and weights. Figures are the minimum CPU time (``time.process_time``) over all minibatches
@@ -39,7 +39,9 @@ def main(argv=None) -> None:
                     help="default: $DYNBATCH_SST_DIR, else ../shared/data/sst")
     ap.add_argument("--profile", action="store_true",
                     help="instead: torch.profiler's ATen self time of one training step of "
-                         "each implementation, and the Python memory tracing allocates")
+                         "each implementation, its Python memory peak, and for dynbatch "
+                         "the bytes tracing allocates per node and the batch outputs made "
+                         "and still held when the run closes")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     task = T.load_task_or_exit(args.task, limit=args.batch * args.minibatches,
@@ -113,9 +115,11 @@ def main(argv=None) -> None:
 
 def profile_step(impls, models, batch) -> None:
     """Is the gap in the batched torch work or around it? ATen self time of one training
-    step (forward and backward) under torch.profiler, per implementation; and for dynbatch
-    the Python memory allocated while tracing (tracemalloc, up to the first execution),
-    per recorded node."""
+    step (forward and backward) under torch.profiler, per implementation; the peak of
+    Python memory over the forward (tracemalloc); and for dynbatch the Python memory
+    allocated while tracing, per recorded node, and the batch outputs the run made
+    against those still held when it closes (NOTE [freeing] in dynbatch/execute.py: before
+    it, a run held every one it made)."""
     from torch.profiler import ProfilerActivity, profile
     for name, impl in impls.items():
         impl.losses(models[name], batch).sum().backward()        # warm-up
@@ -125,31 +129,50 @@ def profile_step(impls, models, batch) -> None:
         aten = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::"))
         print(f"  {name:26s} ATen self time {aten / 1e3:7.1f} ms in "
               f"{sum(e.count for e in events if e.key.startswith('aten::'))} ATen calls")
+        memory = python_memory(impl, models[name], batch, name != "hand")
+        print(f"  {'':26s} Python memory peak over the forward {memory['peak'] / MB:.1f} MB")
         if name != "hand":
-            print(f"  {'':26s} tracing allocates {traced_bytes(impl, models[name], batch)} "
-                  f"bytes of Python memory per node")
+            print(f"  {'':26s} tracing allocates {memory['per_node']} bytes of Python memory "
+                  f"per node; batch outputs made {memory['made'] / MB:.1f} MB, still held "
+                  f"when the run closes {memory['held'] / MB:.1f} MB")
 
 
-def traced_bytes(impl, model, batch) -> int:
+MB = 2 ** 20
+
+
+def python_memory(impl, model, batch, dynbatch: bool) -> dict:
     import tracemalloc
     from dynbatch import api
-    seen = []
-    execute_pending = api.execute_pending
+    out = {}
+    execute_pending, store, close = api.execute_pending, execute._store, api._close
+    outputs = []
 
     def at_first_execution(run, targets=None):
-        if not seen:
-            seen.append((tracemalloc.get_traced_memory()[0], len(run.graph.nodes)))
+        if "per_node" not in out:
+            out["per_node"] = round(tracemalloc.get_traced_memory()[0] / len(run.graph.nodes))
         return execute_pending(run, targets)
 
-    api.execute_pending = at_first_execution
+    def keep_track(nodes, batch_outputs):
+        outputs.extend(t.nbytes for t in batch_outputs)
+        store(nodes, batch_outputs)
+
+    def at_close(run, counters):
+        held = {id(t): t.nbytes for n in run.graph.nodes if type(n.batch) is tuple
+                for t in n.batch}
+        out["held"] = sum(held.values())
+        close(run, counters)
+
+    if dynbatch:
+        api.execute_pending, execute._store, api._close = at_first_execution, keep_track, at_close
     tracemalloc.start()
     try:
         impl.losses(model, batch)
+        out["peak"] = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-        api.execute_pending = execute_pending
-    allocated, nodes = seen[0]
-    return round(allocated / nodes)
+        api.execute_pending, execute._store, api._close = execute_pending, store, close
+    out["made"] = sum(outputs)
+    return out
 
 
 if __name__ == "__main__":

@@ -149,10 +149,12 @@ def _release(members, inputs, offset, uses, pending) -> None:
     recorded later can read it either; the outputs are freed when every node of their
     batch has let go. Per-op code makes dozens of values per tree node that autograd does
     not keep (an add's output, once the next op has read it): they all stayed alive until
-    the run ended, and made the peak of a training step. Per-op SST Tree-LSTM, B=256:
-    batch outputs alive as the forward ends, 92 MB before, 2 MB now; the step's peak
-    resident Δ 131 MB before, 98 MB now (hand-batched: 54 MB), most of the rest being the
-    graph itself (a Python heap peak of 58 MB, tracemalloc). Counting the uses and letting
+    the run ended, and made the peak of a training step. Per-op SST Tree-LSTM, B=256: of
+    the 92 MB of batch outputs a run makes it holds 2 MB when it closes, where it held all
+    of them; the Python memory peak over the forward is 58 MB, the graph itself (``python
+    benchmarks/time_split.py --profile --impl dynbatch-agenda --batch 256 --minibatches
+    1``); the step's peak resident Δ went from 131 MB to 99 MB (hand-batched: 54 MB;
+    ``python scripts/bench.py``, BENCHMARKS.md). Counting the uses and letting
     go cost no time that one process could measure: old and new code alternating, the
     forward went x0.99 per-op and x0.98 blocks (``python benchmarks/ab.py
     dynbatch.execute:execute_pending --rev REV``)."""

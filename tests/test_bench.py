@@ -172,6 +172,16 @@ def test_time_split_reports_every_phase(tiny_sst: Path, capsys):
     assert out.count("ATen self time") == 2
     per_node = int(out.split("tracing allocates ")[1].split()[0])
     assert 50 < per_node < 5000, out
+    # per-op code: the run lets go of most batch outputs it makes (NOTE [freeing])
+    store, close = execute._store, api._close
+    mod.main(["--sst-dir", str(tiny_sst), "--batch", "4", "--minibatches", "1", "--profile",
+              "--impl", "dynbatch-agenda"])
+    assert (api.execute_pending, execute._store, api._close) == (execute_pending, store, close)
+    out = capsys.readouterr().out
+    assert out.count("Python memory peak over the forward") == 2
+    made = float(out.split("batch outputs made ")[1].split()[0])
+    held = float(out.split("still held when the run closes ")[1].split()[0])
+    assert held < made, out            # equal before NOTE [freeing]
 
 
 def _in_git_checkout() -> bool:

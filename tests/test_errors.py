@@ -385,7 +385,6 @@ def test_a_user_file_seen_for_the_first_time_gets_its_own_line(tmp_path, monkeyp
     (tmp_path / f"{name}.py").write_text(FRESH_USER_FILE)
     monkeypatch.syspath_prepend(str(tmp_path))
     fresh = importlib.import_module(name)
-    fresh.torch = torch
     first = {"method": 5, "hot": 6, "mode": 7}[route]
     with db.autobatch() as run:
         x = torch.tensor([0.5, -1.0, 2.0])     # per-example data: a lazy tensor
