@@ -8,7 +8,9 @@ strategy only, so None will do for the agenda). With ``targets`` (node
 numbers, without the offset), only the targets and what they need are scheduled (NOTE [dead
 code] in execute.py); otherwise every node. Output: a list of ``Batch``; every scheduled node
 appears in exactly one, each batch holds one signature, and every input of a node lies in
-an earlier batch.
+an earlier batch. Given ``uses`` (a list), the agenda also leaves in it, for every node j,
+how many input entries name j: it counts them anyway to find each node's users, and the
+executor needs the count to let go of values (NOTE [freeing] in execute.py).
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ def depth_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int
 
 def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
                     depths: Sequence[int] | None, offset: int = 0,
-                    targets: Iterable[int] | None = None) -> list[Batch]:
+                    targets: Iterable[int] | None = None,
+                    uses: list | None = None) -> list[Batch]:
     """DyNet's agenda, critical path first: among the signatures with ready nodes, run the
     one whose ready nodes include the node with the longest path still ahead of it (its
     height: nodes in a chain of users below it), all its ready nodes at once, then release
@@ -90,6 +93,8 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
                 else:
                     us.append(i)
         waiting[i] = count
+    if uses is not None:
+        uses[:] = [0 if us is None else 1 if type(us) is int else len(us) for us in users]
     # heights (and, with targets, liveness) in one sweep from the last node back
     height = [0] * n
     live = None
@@ -179,9 +184,25 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
 
 def schedule(strategy: str, signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
              depths: Sequence[int], offset: int = 0,
-             targets: Iterable[int] | None = None) -> list[Batch]:
+             targets: Iterable[int] | None = None, uses: list | None = None) -> list[Batch]:
+    """The batches of the strategy named; ``uses`` (a list) is filled with every node's
+    count of input entries naming it, whichever the strategy."""
     if strategy == "agenda":
-        return agenda_schedule(signatures, inputs, depths, offset, targets)
+        return agenda_schedule(signatures, inputs, depths, offset, targets, uses)
     if strategy == "depth":
+        if uses is not None:
+            uses[:] = use_counts(inputs, offset)
         return depth_schedule(signatures, inputs, depths, offset, targets)
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def use_counts(inputs: Sequence[Sequence[int]], offset: int = 0) -> list[int]:
+    """uses[j]: how many entries of ``inputs`` name node j (numbers below ``offset``, nodes
+    already run, are not counted)."""
+    uses = [0] * len(inputs)
+    for ins in inputs:
+        for j in ins:
+            j -= offset
+            if j >= 0:
+                uses[j] += 1
+    return uses
