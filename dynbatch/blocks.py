@@ -135,7 +135,8 @@ def record_block(fn, args, kwargs):
     minibatch's 5,208 block calls. So the loop below repeats signature_key's general
     loop, and its tuple case repeats its lazy case, as signature_key's does; the key is
     the same one (test_block_calls_are_keyed_as_signature_key_keys_them). Each line of
-    the user's remembers its last call's key list and signature (``run.block_sites``): a
+    the user's remembers its last call's key list and signature (``run.block_sites``, by
+    code object and offset: no file check, no key tuple once a function is known): a
     call from there whose key list equals it (item by item, mostly by identity: tkeys are
     the signatures' own tuples) skips making the key a tuple and hashing it (a tkey's
     device and dtype hash slowly), and the site lookup. With that, and types known not
@@ -203,18 +204,25 @@ def record_block(fn, args, kwargs):
     # trace.append_node's work, inline (its frame is the user's caller's caller here)
     frame = _getframe(2)
     code = frame.f_code
-    if _internal_files.get(code.co_filename) is False:
-        where_key = (id(code), frame.f_lasti)
-        known = run.block_sites.get(where_key)
+    # a code object met before is the user's (no file check); by id, as hashing a code
+    # object hashes its constants; the entry keeps the code alive, so the id stays its own
+    entry = run.block_sites.get(id(code))
+    if entry is None and _internal_files.get(code.co_filename) is False:
+        entry = run.block_sites[id(code)] = (code, {})
+    if entry is not None:
+        calls = entry[1]
+        offset = frame.f_lasti
+        known = calls.get(offset)
         if known is not None and known[0] == key:     # list ==: mostly `is` per item
             site = known[1]
             info = known[2]
         else:
+            where_key = (id(code), offset)
             site = _SITES.get(where_key)
             if site is None:
                 site = trace.remember_site(where_key, code)
             info = _block_signature(run, key, fn, args, kwargs)
-            run.block_sites[where_key] = (key, site, info)
+            calls[offset] = (key, site, info)
     else:
         site = raw_site(3)
         info = _block_signature(run, key, fn, args, kwargs)

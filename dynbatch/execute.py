@@ -449,7 +449,6 @@ def _gather(column, memo, in_order):
     """``gather``, and with ``in_order`` also the order of the batch's members that makes
     the column cheapest (NOTE [row order]): (value, positions), or (value, None) for the
     order given."""
-    nodes = []
     index = 0
     first = column[0]
     if type(first) is LazyTensor:
@@ -458,15 +457,12 @@ def _gather(column, memo, in_order):
             values = _fresh_immediate_values(column)
             if values is not None:        # word ids, labels: one tensor, no bookkeeping
                 return _scalar_tensor(values, first.node), None
-    for lt in column:
-        if type(lt) is Node:                    # a plain node's input: its first output
-            if index:
-                return _gather_mixed(column, in_order)
-            nodes.append(lt)
-        elif lt.index != index:
-            return _gather_mixed(column, in_order)
-        else:
-            nodes.append(lt.node)
+    # a plain node's input is a Node: its first output. None marks a row of another
+    # output than the first row's; a comprehension and a C scan for it, not a loop
+    nodes = [(None if index else x) if type(x) is Node else
+             x.node if x.index == index else None for x in column]
+    if None in nodes:
+        return _gather_mixed(column, in_order)
     if memo is not None and memo[0] == nodes:   # list ==: identity of the same nodes
         plan, order = memo[1], None
     else:

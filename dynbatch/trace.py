@@ -104,7 +104,7 @@ class Run:
         self.int_scalar = _scalar_signature(_PY_SCALAR_DTYPE[int], self.default_device)
         self.signatures_run: set = set()   # distinct signatures of the batches run
         self.templates: dict = {}   # Signature -> args of its first node (NOTE [plain nodes])
-        self.block_sites: dict = {}   # the user's line -> its last block call (NOTE [block calls])
+        self.block_sites: dict = {}   # id(code) -> (code, {offset: last block call there})
 
 
 def current_run():
