@@ -146,6 +146,51 @@ def test_the_target_cell_runs_more_rounds_and_reports_their_spread():
     assert blocks.endswith("0.66× (not met)")
 
 
+def test_implementations_take_turns_minibatch_by_minibatch():
+    # NOTE [interleaving] in benchmarks/harness.py: every implementation runs minibatch k
+    # before any runs minibatch k+1, the order alternating; a round's time is the sum of
+    # its steps; eager runs its capped batches only; a runner that fails is dropped.
+    from benchmarks import harness
+    calls = []
+
+    class Fake:
+        def __init__(self, name, seconds, fail_at=None):
+            self.name, self.seconds, self.fail_at = name, seconds, fail_at
+
+        def round(self, mode, idx):
+            calls.append((self.name, mode, [list(mb) for mb in idx]))
+            if self.fail_at is not None and len(calls) >= self.fail_at:
+                raise RuntimeError("engine broke")
+            return self.seconds * len(idx), [None] * len(idx)
+
+        def close(self):
+            pass
+
+    task = type("Task", (), {"name": "sst128", "examples": list(range(40))})
+    cfg = harness.Config(repeats=2, examples=8, eager_examples=2)
+    runners = {"eager": Fake("eager", 1.0), "hand": Fake("hand", 0.5),
+               "dynbatch-blocks-agenda": Fake("dynbatch-blocks-agenda", 2.0)}
+    rows = harness.time_cell(task, runners, cfg, 4, 1, {})
+    timed = calls[6:]                   # after one warm-up train and infer step each
+    first_round_train = [(name, idx[0][0]) for name, mode, idx in timed[:5]]
+    assert first_round_train == [("eager", 0), ("hand", 0), ("dynbatch-blocks-agenda", 0),
+                                 ("dynbatch-blocks-agenda", 4), ("hand", 4)]
+    assert all(len(idx) == 1 for _, _, idx in timed)           # one minibatch per call
+    assert [mode for _, mode, _ in timed[:5]] == ["train"] * 5
+    assert timed[5][1] == "infer" and timed[5][0] == "eager"
+    by = {r["impl"]: r for r in rows}
+    assert by["hand"]["train_eps"] == 8 / (2 * 0.5)            # 8 examples in 2 steps
+    assert by["eager"]["train_eps"] == 2 / 1.0                 # its cap: one batch of 2
+    assert by["dynbatch-blocks-agenda"]["train_x_hand"] == 0.25
+    # a runner that raises is dropped and reported; the others finish the cell
+    calls.clear()
+    errors: dict = {}
+    runners = {"hand": Fake("hand", 0.5), "dynbatch-agenda": Fake("dynbatch-agenda", 1.0, 6)}
+    rows = harness.time_cell(task, runners, cfg, 4, 1, errors)
+    assert [r["impl"] for r in rows] == ["hand"] and list(runners) == ["hand"]
+    assert "engine broke" in errors["sst128/dynbatch-agenda"]
+
+
 def test_time_split_reports_every_phase(tiny_sst: Path, capsys):
     # benchmarks/time_split.py: the one-change instrument. Only its report's shape is
     # checked; the numbers are timings.
