@@ -136,7 +136,7 @@ def record_block(fn, args, kwargs):
     loop, and its tuple case repeats its lazy case, as signature_key's does; the key is
     the same one (test_block_calls_are_keyed_as_signature_key_keys_them). Each line of
     the user's remembers its last call's key list and signature (``run.block_sites``, by
-    code object and offset: no file check, no key tuple once a function is known): a
+    code object, then offset: no file check, no key tuple once a function is known): a
     call from there whose key list equals it (item by item, mostly by identity: tkeys are
     the signatures' own tuples) skips making the key a tuple and hashing it (a tkey's
     device and dtype hash slowly), and the site lookup. With that, and types known not

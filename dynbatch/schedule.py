@@ -8,9 +8,9 @@ strategy only, so None will do for the agenda). With ``targets`` (node
 numbers, without the offset), only the targets and what they need are scheduled (NOTE [dead
 code] in execute.py); otherwise every node. Output: a list of ``Batch``; every scheduled node
 appears in exactly one, each batch holds one signature, and every input of a node lies in
-an earlier batch. Given ``uses`` (a list), the agenda also leaves in it, for every node j,
-how many input entries name j: it counts them anyway to find each node's users, and the
-executor needs the count to let go of values (NOTE [freeing] in execute.py).
+an earlier batch. Given ``uses`` (a list), ``schedule`` also leaves in it, for every node
+j, how many input entries name j, for the executor to let go of values (NOTE [freeing] in
+execute.py); the agenda takes the counts from the users it finds anyway.
 """
 from __future__ import annotations
 
