@@ -8,12 +8,10 @@ Method, in one place:
 * Agreement first: on the task's first minibatch, every implementation's per-example losses,
   inference outputs and parameter gradients are compared with the eager per-example code.
 * Timing: for each (task, threads, minibatch size) cell, one untimed warm-up step per
-  implementation, then ``repeats`` rounds over the r-th chunk of the data, the same chunk
-  for every implementation. A round is a training pass (forward, backward, Adam step per
-  minibatch) and then an inference pass (no_grad) over the chunk's minibatches, taken
-  step by step: minibatch k runs once in every implementation (A B C ..., then C B A ...
-  for minibatch k+1, alternating) before minibatch k+1 runs in any (NOTE [interleaving]).
-  An implementation's time in the round is the sum of its steps. Throughput is the median
+  implementation, then ``repeats`` rounds; in each round every implementation runs in turn
+  (A B C ... then C B A ..., alternating) a training pass (forward, backward, Adam step per
+  minibatch) and an inference pass (no_grad) over the round's minibatches. Round r uses the
+  r-th chunk of the data, the same chunk for every implementation. Throughput is the median
   over rounds; a ratio is the median of the per-round ratios, and the per-round ratios are
   kept. The cell the issue's targets are judged on (``TARGET_CELL``: SST 128/128, B=64, one
   thread) runs ``target_repeats`` rounds of ``target_examples`` examples, and the report
@@ -42,7 +40,7 @@ Method, in one place:
   after the first large free, and whether later tensors land on the heap (and stay
   resident once freed) then depends on allocation history. Hand-batched's AST Δ at B=64
   ranged 19-45 MB over three identical processes; with both measures, 20.2-20.4 MB.
-* DyNet runs in a child process of its own (``ProcessRunner``), driven step by step from
+* DyNet runs in a child process of its own (``ProcessRunner``), driven round by round from
   the same interleaved loop: importing it slows PyTorch at 2 threads 10-50x in-process.
 """
 from __future__ import annotations
@@ -433,15 +431,20 @@ def time_cell(task: T.TaskData, runners: dict, cfg: Config, B: int, threads: int
     """Interleaved rounds over every runner; one result row per implementation. A runner
     that raises is reported in ``errors``, dropped from ``runners`` and from the cell.
 
-    NOTE [interleaving]: within a round the implementations take turns minibatch by
-    minibatch, not round by round. This shared machine's speed drifts over seconds, and a
-    round of the target cell takes each implementation 0.4-3 s: run one after the other,
-    hand-batched and the blocks form met different machines, and their per-round ratio
-    swung with it. Measured with hand-batched and blocks alone, 9 rounds of 4 minibatches
-    of 64 SST trees, twice: per-round ratios ranged 0.42-0.84 and 0.50-0.82 taken round by
-    round, 0.57-0.76 and 0.59-0.75 taken step by step, on the same rounds; each
-    implementation's own median round time moved by 5% or less between the two ways (so
-    a step that follows another implementation's step is not made slower by it)."""
+    NOTE [interleaving]: each implementation runs all of a round's minibatches in a row,
+    as a user trains with it, not minibatch by minibatch in turn with the others. Taking
+    turns step by step does steady the per-round ratios (this shared machine's speed
+    drifts over seconds), but it also favours dynbatch, as if a dynbatch step that
+    follows a hand-batched step ran faster than one that follows a dynbatch step. Hand-batched
+    against blocks, 9 rounds of 4 minibatches of 64 SST trees, both ways on the same
+    rounds (``python benchmarks/interleaving.py``; in the first three runs round by round
+    always went first, in the fourth the first way alternated), four times: ranges 0.42-0.84,
+    0.50-0.82, 0.57-0.69, 0.47-0.85 round by round and 0.57-0.76, 0.59-0.75, 0.61-0.74,
+    0.62-0.82 step by step, but medians 0.61, 0.66, 0.63, 0.66 against 0.69, 0.67, 0.68,
+    0.72; in the fourth run, blocks' median round was 4% shorter step by step and
+    hand-batched's 2% longer. A steadier figure that is 2-13% too kind is not a
+    trustworthy verdict, so rounds stay whole, and their spread is reported instead.
+    """
     repeats, per_round = cell_plan(cfg, task.name, B, threads)
     rounds = _rounds_data(task, B, repeats, per_round)
     batches = {name: (lambda mbs, name=name: _eager_batches(mbs, cfg.eager_examples)
@@ -462,29 +465,21 @@ def time_cell(task: T.TaskData, runners: dict, cfg: Config, B: int, threads: int
     rec = {name: {"train": [], "infer": [], "train_stats": [], "infer_stats": [],
                   "examples": 0} for name in runners}
     for r, mbs in enumerate(rounds):
-        todo = {name: batches[name](mbs) for name in runners}
-        for name in runners:
-            rec[name]["examples"] = sum(len(mb) for mb in todo[name])
-        for mode in ("train", "infer"):
-            seconds = {name: 0.0 for name in runners}
-            stats = {name: [] for name in runners}
-            # NOTE [interleaving]: step by step, not implementation by implementation
-            for k in range(max(len(t) for t in todo.values())):
-                order = list(runners) if (r + k) % 2 == 0 else list(runners)[::-1]
-                for name in order:
-                    if name not in runners or k >= len(todo[name]):  # dropped, or done
-                        continue
-                    try:
-                        dt, st = runners[name].round(mode, todo[name][k:k + 1])
-                    except Exception as err:
-                        drop(name, err)
-                        del rec[name]
-                        continue
-                    seconds[name] += dt
-                    stats[name].extend(st)
-            for name in runners:
-                rec[name][mode].append(rec[name]["examples"] / seconds[name])
-                rec[name][f"{mode}_stats"].append(_mean_stats(stats[name]))
+        order = list(runners) if r % 2 == 0 else list(runners)[::-1]
+        for name in order:
+            if name not in runners:  # dropped earlier in this round
+                continue
+            todo = batches[name](mbs)
+            n = sum(len(mb) for mb in todo)
+            rec[name]["examples"] = n
+            try:
+                for mode in ("train", "infer"):
+                    dt, stats = runners[name].round(mode, todo)
+                    rec[name][mode].append(n / dt)
+                    rec[name][f"{mode}_stats"].append(_mean_stats(stats))
+            except Exception as err:
+                drop(name, err)
+                del rec[name]
     names = [n for n in rec if n in runners]
     rows = []
     for name in names:

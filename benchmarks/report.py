@@ -169,9 +169,8 @@ def markdown(result: dict, png_name: str | None) -> str:
          "one Adam step per minibatch; **inference** = forward under `no_grad` (root logits "
          "for trees, every token's logits for the tagger). In parentheses: ratio to unbatched "
          "eager / ratio to hand-batched, each the median of per-round ratios measured "
-         "interleaved in the same process, the implementations taking turns minibatch by "
-         "minibatch (ratios are the figures to quote: absolute numbers on this shared "
-         "machine move with its load).", "",
+         "interleaved in the same process (ratios are the figures to quote: absolute numbers "
+         "on this shared machine move with its load).", "",
          "## Run", "",
          f"- command: `{meta['command']}`",
          f"- started {meta['started']}, took {meta.get('seconds', 0) / 60:.1f} min",
@@ -371,7 +370,7 @@ def markdown(result: dict, png_name: str | None) -> str:
           "- **DyNet autobatch** (`benchmarks/peers.py`): the same math written in DyNet, one "
           "computation graph per minibatch, `autobatch=1`; Adam with clipping off and dense "
           "updates so its step equals torch's; single-threaded (the PyPI wheel). It runs in a "
-          "child process of its own, driven step by step from the interleaved loop and "
+          "child process of its own, driven round by round from the interleaved loop and "
           "timing itself: merely importing dynet38 into a process makes PyTorch at 2 threads "
           "10–50× slower there (measured on this machine), which would corrupt every other "
           "figure.",

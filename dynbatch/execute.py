@@ -147,8 +147,10 @@ def _release(members, inputs, offset, uses, pending) -> None:
     go cost no time that one process could measure: old and new code alternating, the
     forward went x0.99 per-op and x0.98 blocks (``python benchmarks/ab.py
     dynbatch.execute:execute_pending --rev REV``). The counts come from the agenda, which
-    finds every node's users anyway: a pass of their own over the edges cost 5 ms of a
-    per-op SST minibatch of 64 trees (38,780 nodes) and 2 ms with blocks (5,732)."""
+    finds every node's users anyway: on the graph of one SST minibatch of 64 trees,
+    ``schedule(..., uses=[])`` took 5 ms less than ``schedule(...)`` followed by
+    ``schedule.use_counts`` per-op (55.7 against 60.8 ms, 38,780 nodes) and 2 ms less
+    with blocks (7.1 against 9.2 ms, 5,732 nodes), minimum of 25 each."""
     for i in members:
         for j in inputs[i]:
             j -= offset

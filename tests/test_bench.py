@@ -146,10 +146,11 @@ def test_the_target_cell_runs_more_rounds_and_reports_their_spread():
     assert blocks.endswith("0.66× (not met)")
 
 
-def test_implementations_take_turns_minibatch_by_minibatch():
-    # NOTE [interleaving] in benchmarks/harness.py: every implementation runs minibatch k
-    # before any runs minibatch k+1, the order alternating; a round's time is the sum of
-    # its steps; eager runs its capped batches only; a runner that fails is dropped.
+def test_each_implementation_runs_a_whole_round_in_a_row():
+    # NOTE [interleaving] in benchmarks/harness.py: in each round every implementation
+    # runs all its minibatches in one go (train, then infer), the order of implementations
+    # alternating between rounds; eager runs its capped batches only; a runner that fails
+    # is dropped.
     from benchmarks import harness
     calls = []
 
@@ -172,14 +173,15 @@ def test_implementations_take_turns_minibatch_by_minibatch():
                "dynbatch-blocks-agenda": Fake("dynbatch-blocks-agenda", 2.0)}
     rows = harness.time_cell(task, runners, cfg, 4, 1, {})
     timed = calls[6:]                   # after one warm-up train and infer step each
-    first_round_train = [(name, idx[0][0]) for name, mode, idx in timed[:5]]
-    assert first_round_train == [("eager", 0), ("hand", 0), ("dynbatch-blocks-agenda", 0),
-                                 ("dynbatch-blocks-agenda", 4), ("hand", 4)]
-    assert all(len(idx) == 1 for _, _, idx in timed)           # one minibatch per call
-    assert [mode for _, mode, _ in timed[:5]] == ["train"] * 5
-    assert timed[5][1] == "infer" and timed[5][0] == "eager"
+    assert [(name, mode) for name, mode, _ in timed] == [
+        ("eager", "train"), ("eager", "infer"), ("hand", "train"), ("hand", "infer"),
+        ("dynbatch-blocks-agenda", "train"), ("dynbatch-blocks-agenda", "infer"),
+        ("dynbatch-blocks-agenda", "train"), ("dynbatch-blocks-agenda", "infer"),
+        ("hand", "train"), ("hand", "infer"), ("eager", "train"), ("eager", "infer")]
+    assert [len(idx) for _, _, idx in timed[:6]] == [1, 1, 2, 2, 2, 2]   # whole rounds
+    assert timed[2][2] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     by = {r["impl"]: r for r in rows}
-    assert by["hand"]["train_eps"] == 8 / (2 * 0.5)            # 8 examples in 2 steps
+    assert by["hand"]["train_eps"] == 8 / (2 * 0.5)            # 8 examples in 2 minibatches
     assert by["eager"]["train_eps"] == 2 / 1.0                 # its cap: one batch of 2
     assert by["dynbatch-blocks-agenda"]["train_x_hand"] == 0.25
     # a runner that raises is dropped and reported; the others finish the cell
@@ -189,6 +191,16 @@ def test_implementations_take_turns_minibatch_by_minibatch():
     rows = harness.time_cell(task, runners, cfg, 4, 1, errors)
     assert [r["impl"] for r in rows] == ["hand"] and list(runners) == ["hand"]
     assert "engine broke" in errors["sst128/dynbatch-agenda"]
+
+
+def test_interleaving_check_prints_both_ways(tiny_sst: Path, capsys):
+    from benchmarks import interleaving
+    interleaving.main(["--rounds", "2", "--batch", "2", "--minibatches", "2",
+                       "--sst-dir", str(tiny_sst)])
+    out = capsys.readouterr().out
+    for way in ("round by round", "step by step"):
+        line = next(x for x in out.splitlines() if x.strip().startswith(way))
+        assert "median" in line and "range" in line and "hand" in line
 
 
 def test_time_split_reports_every_phase(tiny_sst: Path, capsys):
