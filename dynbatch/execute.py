@@ -455,8 +455,8 @@ def _gather(column, memo, in_order):
     first = column[0]
     if type(first) is LazyTensor:
         index = first.index
-        if type(first.node) is Immediate and first.node.batch is None:
-            values = _fresh_immediate_values(column)
+        if type(first.node) is Immediate:
+            values = _immediate_values(column)
             if values is not None:        # word ids, labels: one tensor, no bookkeeping
                 return _scalar_tensor(values, first.node), None
     # a plain node's input is a Node: its first output. None marks a row of another
@@ -523,16 +523,17 @@ def fill_immediates(nodes) -> None:
         node.batch = out
 
 
-def _fresh_immediate_values(column):
-    """The Python values of a column made only of unfilled immediates, else None. Such a
-    column (a batch's word ids or labels) needs no rows recorded: nothing else reads them
-    as rows of this tensor, and a second reader builds its own."""
+def _immediate_values(column):
+    """The Python values of a column made only of immediates, else None. Such a column (a
+    batch's word ids or labels) needs no rows recorded: nothing else reads them as rows of
+    this tensor, and a second reader builds its own. Immediates filled already count too:
+    their value is their Python value (NOTE [shared immediates] in graph.py)."""
     values = []
     for lt in column:
         if type(lt) is not LazyTensor:
             return None
         node = lt.node
-        if type(node) is not Immediate or node.batch is not None:
+        if type(node) is not Immediate:
             return None
         values.append(node.args[0])
     return values
@@ -697,8 +698,8 @@ def materialize(structure, cache=None):
     t = type(structure)
     if t is LazyTensor:
         node = structure.node
-        if node.batch is None:      # an immediate returned as it is
-            fill_immediates([node])
+        if type(node) is Immediate:   # its own tensor (NOTE [shared immediates])
+            return _scalar_tensor([node.args[0]], node)[0]
         src = node.batch[structure.index]
         rows = cache.get(id(src))
         if rows is None:

@@ -62,7 +62,14 @@ class Immediate:
     that gather (execute.fill_immediates); a column of nothing but such fresh immediates
     (a batch's word ids, its labels) becomes that tensor without the immediates keeping
     rows in it, and a later reader fills its own. Inside a block's body trace, constants stay
-    ordinary nodes (the body compiler names values by node id)."""
+    ordinary nodes (the body compiler names values by node id).
+
+    NOTE [shared immediates]: a run makes one lazy tensor per int it meets in
+    ``torch.tensor(i)`` and hands it to every such call: a minibatch of 64 SST trees makes
+    4,187 of them from some 900 words and 5 labels. They are immutable constants (in-place
+    ops on per-example tensors are refused), so sharing cannot change a value; a gather
+    makes a column of them from their Python values whether or not some were filled, and
+    a result gets a tensor of its own (``execute.materialize``), as eager's results do."""
 
     __slots__ = ("args", "info", "example", "owner", "batch", "row")
     id = -1

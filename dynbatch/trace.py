@@ -83,7 +83,7 @@ class Run:
 
     __slots__ = ("graph", "strategy", "example", "local_signatures", "closed", "failed",
                  "stats", "block_trace", "main", "rounds", "default_device", "wanted", "scope",
-                 "inference", "int_scalar", "signatures_run", "templates",
+                 "inference", "int_scalar", "int_immediates", "signatures_run", "templates",
                  "block_sites", "__weakref__")
 
     def __init__(self, strategy: str, block_trace: bool = False):
@@ -102,6 +102,7 @@ class Run:
         self.scope = False        # an autobatch scope (else a @batched call)
         self.inference = torch.is_inference_mode_enabled()   # the caller's
         self.int_scalar = _scalar_signature(_PY_SCALAR_DTYPE[int], self.default_device)
+        self.int_immediates: dict = {}   # int -> its lazy tensor (NOTE [shared immediates])
         self.signatures_run: set = set()   # distinct signatures of the batches run
         self.templates: dict = {}   # Signature -> args of its first node (NOTE [plain nodes])
         self.block_sites: dict = {}   # id(code) -> (code, {offset: last block call there})
@@ -184,8 +185,13 @@ def _tensor_wrapper(fn):
         if run is not None and _mode_enabled():
             if not kwargs and len(args) == 1 and type(args[0]) is int and \
                     not run.block_trace:
-                info, tkey = run.int_scalar
-                return LazyTensor(Immediate(args[0], info, run.example, run), 0, tkey)
+                value = args[0]
+                shared = run.int_immediates.get(value)    # NOTE [shared immediates]
+                if shared is None:
+                    info, tkey = run.int_scalar
+                    shared = run.int_immediates[value] = \
+                        LazyTensor(Immediate(value, info, run.example, run), 0, tkey)
+                return shared
             return dispatch(fn, args, kwargs)
         return fn(*args, **kwargs)
     tensor.__wrapped__ = fn

@@ -1004,6 +1004,33 @@ def test_an_immediate_read_by_several_batches_and_returned():
     torch.testing.assert_close(grad, emb.weight.grad)
 
 
+def test_equal_ints_share_one_immediate_and_results_stay_apart():
+    # NOTE [shared immediates]: one lazy tensor per int per run, read like any other; a
+    # read fills it, and later columns still make it from its value; results do not alias.
+    emb = nn.Embedding(10, 3)
+
+    def f(i):
+        t = torch.tensor(i)
+        return emb(t) * 2, t
+
+    with db.autobatch() as run:
+        a, b, c = torch.tensor(4), torch.tensor(4), torch.tensor(5)
+        assert a is b and c is not a and c.node is not a.node
+        assert a.item() == 4                  # filled now
+        rows = [emb(t) for t in (c, a, b, c)]
+        values = [r.value for r in rows]
+    for r, i in zip(values, (5, 4, 4, 5)):
+        torch.testing.assert_close(r, emb(torch.tensor(i)))
+
+    ids = [4, 0, 4]
+    outs = db.batched(f)(ids)
+    assert outs[0][1] is not outs[2][1]
+    outs[0][1].add_(1)                        # eager's results are tensors of their own
+    assert [t.item() for _, t in outs] == [5, 0, 4]
+    for (e, _), i in zip(outs, ids):
+        torch.testing.assert_close(e, emb(torch.tensor(i)) * 2)
+
+
 @pytest.mark.parametrize("drop", [
     lambda x: F.dropout(x, 0.0, True),
     lambda x: F.dropout(x, p=0.5, training=False),
