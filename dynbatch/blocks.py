@@ -143,7 +143,8 @@ def record_block(fn, args, kwargs):
     to be tensors skipping ``isinstance(a, Tensor)`` (0.15 us for a module), tracing an
     SST minibatch costs 5-8% less, old and new code alternating in one process (``python
     benchmarks/ab.py dynbatch.blocks:record_block --rev ffa9add~1``); a node cell call
-    costs 3.7 us (``python benchmarks/trace_cost.py``).
+    costs 3.7 us (``python benchmarks/trace_cost.py``). A line whose call repeats then
+    gets a recorder of its own (NOTE [site recorders]), which skips all of this.
 
     NOTE [block edges]: a block node's ``inputs`` serve only the scheduler (the executor
     reads its arguments), so they list each input node once where it repeats (a cell's h
@@ -153,6 +154,16 @@ def record_block(fn, args, kwargs):
     run = trace._current
     if kwargs:
         return _record_block_general(fn, args, kwargs, run)
+    # NOTE [site recorders]: a line that made the same call before records it in one step
+    frame = _getframe(2)
+    code = frame.f_code
+    entry = run.block_sites.get(id(code))
+    if entry is not None:
+        known = entry[1].get(frame.f_lasti)
+        if known is not None and known[3] is not None:
+            out = known[3](fn, args, run)
+            if out is not None:
+                return out
     key = [fn, 2 if _is_inference() else 1 if _is_grad_enabled() else 0]
     inputs = []
     last = -1
@@ -201,12 +212,9 @@ def record_block(fn, args, kwargs):
             key.append(a)
     if depth < 0:       # no per-example tensor among the arguments: a plain call
         return _call_body(fn, args, kwargs)
-    # trace.append_node's work, inline (its frame is the user's caller's caller here)
-    frame = _getframe(2)
-    code = frame.f_code
-    # a code object met before is the user's (no file check); by id, as hashing a code
+    # trace.append_node's work, inline (its frame is the user's caller's caller here).
+    # A code object met before is the user's (no file check); by id, as hashing a code
     # object hashes its constants; the entry keeps the code alive, so the id stays its own
-    entry = run.block_sites.get(id(code))
     if entry is None and _internal_files.get(code.co_filename) is False:
         entry = run.block_sites[id(code)] = (code, {})
     if entry is not None:
@@ -216,13 +224,16 @@ def record_block(fn, args, kwargs):
         if known is not None and known[0] == key:     # list ==: mostly `is` per item
             site = known[1]
             info = known[2]
+            if known[3] is None and known[4] < _SITE_RECORDERS_PER_LINE and not lists:
+                calls[offset] = (key, site, info, _site_recorder(key, args, info, site),
+                                 known[4] + 1)
         else:
             where_key = (id(code), offset)
             site = _SITES.get(where_key)
             if site is None:
                 site = trace.remember_site(where_key, code)
             info = _block_signature(run, key, fn, args, kwargs)
-            calls[offset] = (key, site, info)
+            calls[offset] = (key, site, info, None, 0 if known is None else known[4])
     else:
         site = raw_site(3)
         info = _block_signature(run, key, fn, args, kwargs)
@@ -238,6 +249,115 @@ def record_block(fn, args, kwargs):
     if structure is tuple and len(outputs) == 2:      # a cell's (h, c)
         return (LazyTensor(node, 0, outputs[0]), LazyTensor(node, 1, outputs[1]))
     return structure([LazyTensor(node, i, t) for i, t in enumerate(outputs)])
+
+
+_SITE_RECORDERS_PER_LINE = 4    # a line whose calls keep changing falls back for good
+_RECORDER_CODE: dict = {}        # generated source -> its code object
+
+
+def _site_recorder(key, args, info, site):
+    """NOTE [site recorders]: a function that records, from one line of the user's, a
+    block call like the one just recorded there twice (``key``): the same block, the same
+    objects (by identity) and Python values, lazy tensors with equal tkeys (by identity
+    first: tkeys are mostly the signatures' own tuples) in the same places, the same grad
+    mode, no lists (they are copied). Anything else, a lazy tensor of another run included, makes
+    it return None, and ``record_block`` records the call its general way. The recorder
+    is straight-line code generated for the call's layout, as block bodies are (Program):
+    no walk over the arguments, no key list to build and compare, the node and its lazy
+    outputs made in place. One layout's code is compiled once per process; a run binds
+    its own block, objects, signature and site to it. Returns None for a call it cannot
+    take (keywords, lists, a value that is not a plain object)."""
+    fn, mode = key[0], key[1]
+    namespace = {"_fn": fn, "_mode": mode, "_info": info, "_site": site,
+                 "_LT": LazyTensor, "_Node": Node, "_new": object.__new__,
+                 "_inference": _is_inference, "_grad": _is_grad_enabled}
+    guards = [f"len(args) != {len(args)}"]
+    unpack = []
+    lazies = []          # names of the lazy tensors, in the order the general loop meets them
+    k = 2                # position in the key, which the general loop filled in this order
+    for i, a in enumerate(args):
+        t = type(a)
+        name = f"a{i}"
+        if t is LazyTensor:
+            namespace[f"_t{len(lazies)}"] = key[k]
+            guards.append(_lazy_guard(name, len(lazies)))
+            lazies.append(name)
+            k += 1
+        elif t is tuple:
+            if key[k] is not tuple or any(type(x) is not LazyTensor for x in a):
+                return None
+            guards.append(f"type({name}) is not tuple or len({name}) != {len(a)}")
+            names = []
+            for j in range(len(a)):
+                names.append(f"x{i}_{j}")
+                namespace[f"_t{len(lazies)}"] = key[k + 2 + j]
+                lazies.append(names[-1])
+            unpack.append((name, names))
+            k += 2 + len(a)
+        elif t in _SCALARS:
+            namespace[f"_v{i}"] = a
+            guards.append(f"type({name}) is not {t.__name__} or {name} != _v{i}")
+            k += 2
+        elif t in _OTHER_TYPES:
+            namespace[f"_v{i}"] = a
+            guards.append(f"{name} is not _v{i}")
+            k += 1
+        else:       # lists are copied, tensors and slices are keyed otherwise
+            return None
+    if not lazies or k != len(key):
+        return None
+    lines = ["if fn is not _fn or " + guards[0] + ":", "    return None",
+             f"{', '.join(f'a{i}' for i in range(len(args)))}{',' if len(args) == 1 else ''}"
+             " = args"]
+    lines += [f"if {' or '.join(f'({g})' for g in guards[1:])}:", "    return None"]
+    for name, names in unpack:
+        lines.append(f"{', '.join(names)}, = {name}")
+    item_guards = [_lazy_guard(x, n) for n, x in enumerate(lazies)
+                   if any(x in names for _, names in unpack)]
+    if item_guards:
+        lines += [f"if {' or '.join(f'({g})' for g in item_guards)}:", "    return None"]
+    nodes = [f"n{n}" for n in range(len(lazies))]
+    lines.append(f"{', '.join(nodes)} = {', '.join(f'{x}.node' for x in lazies)}")
+    lines += [f"if {' or '.join(f'{n}.owner is not run' for n in nodes)}:", "    return None",
+              "if (2 if _inference() else 1 if _grad() else 0) != _mode:", "    return None"]
+    # the inputs and depth as the general loop finds them (NOTE [block edges])
+    lines += [f"last = {nodes[0]}.id", "inputs = [last] if last >= 0 else []",
+              f"depth = {nodes[0]}.depth"]
+    for n in nodes[1:]:
+        lines += [f"i = {n}.id", "if i != last and i >= 0:", "    inputs.append(i)",
+                  "    last = i", f"if {n}.depth > depth:", f"    depth = {n}.depth"]
+    lines += ["nodes = run.graph.nodes",
+              "node = _Node(len(nodes), fn, args, None, _info, inputs, depth + 1, "
+              "run.example, _site, run)",
+              "nodes.append(node)"]
+    # lazy outputs made in place: a class call with a Python __init__ costs 60 ns more
+    outs = []
+    for index, tkey in enumerate(info.outputs):
+        namespace[f"_o{index}"] = tkey
+        lines += [f"o{index} = _new(_LT)", f"o{index}.node = node", f"o{index}.index = {index}",
+                  f"o{index}.tkey = _o{index}", f"o{index}._value = None"]
+        outs.append(f"o{index}")
+    if info.structure is None:
+        lines.append("return o0")
+    elif info.structure is tuple:
+        lines.append(f"return ({', '.join(outs)},)")
+    else:
+        namespace["_structure"] = info.structure
+        lines.append(f"return _structure(({', '.join(outs)},))")
+    source = "def record(fn, args, run):\n" + "".join(f"    {line}\n" for line in lines)
+    code = _RECORDER_CODE.get(source)
+    if code is None:
+        if len(_RECORDER_CODE) >= _CODE_LIMIT:
+            _RECORDER_CODE.clear()
+        code = _RECORDER_CODE[source] = compile(source, f"<dynbatch recorder {info.name}>",
+                                                "exec")
+    exec(code, namespace)
+    return namespace["record"]
+
+
+def _lazy_guard(name, n) -> str:
+    # equal tkeys of two signatures (a leaf's h and an inner node's) are two tuples
+    return f"type({name}) is not _LT or ({name}.tkey is not _t{n} and {name}.tkey != _t{n})"
 
 
 def _block_signature(run, key, fn, args, kwargs) -> Signature:

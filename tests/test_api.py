@@ -621,6 +621,104 @@ def test_one_line_calling_a_block_with_changing_arguments_gets_each_call_its_sig
         run.graph.nodes[:] = []          # nothing to execute
 
 
+def _graph_as_data(run) -> list:
+    """Every node of a run as comparable data: lazy arguments as (node id, output)."""
+    def arg(a):
+        if type(a) is db.LazyTensor:
+            return ("lazy", a.node.id, a.index, a.tkey)
+        if type(a) in (tuple, list):
+            return (type(a), tuple(arg(x) for x in a))
+        if isinstance(a, torch.Tensor):
+            return ("tensor", a.tolist())
+        return a
+    keys = {id(info): key for key, info in run.local_signatures.items()}
+    return [(n.id, n.fn, n.args and tuple(arg(a) for a in n.args), n.kwargs, list(n.inputs),
+             n.depth, n.example, n.site, n.info.name, keys.get(id(n.info)), n.info.grad)
+            for n in run.graph.nodes]
+
+
+def _varied_block_calls(lins, cell):
+    """Block calls from one line, repeating and changing: (h, c) pairs of one node,
+    immediates, Python values of three types, two modules, another shape, a list, and
+    the same call under no_grad."""
+    x, x1 = torch.tanh(torch.randn(3)), torch.tanh(torch.randn(1))    # x1 broadcasts
+    pairs = [cell(x * k) for k in range(3)]
+    calls = [(lins[0], pairs[0], x, 1)] * 3 + [(lins[0], pairs[0], x, 2)] * 3 + \
+        [(lins[0], pairs[0], x, 2.0)] * 3 + [(lins[0], pairs[0], x1, 2.0)] * 3 + \
+        [(lins[0], pairs[1], x, 1.0)] * 3 + \
+        [(lins[1], pairs[2], x, True), (lins[0], pairs[0], x, 1)] * 3 + \
+        [(lins[0], (pairs[1][0], pairs[2][0]), torch.tensor(4), 2)] * 3 + \
+        [(lins[1], list(pairs[1]), x, 1)] * 3 + [(lins[0], pairs[0], x, 1)] * 6
+    modes = [torch.enable_grad] * (len(calls) - 3) + [torch.no_grad] * 3
+    out = []
+    for args, mode in zip(calls, modes):
+        with mode():
+            out.append(_mixer(*args))
+    return out
+
+
+def test_site_recorders_record_what_the_general_path_records(monkeypatch):
+    # NOTE [site recorders]: a line whose call repeats gets a recorder; the graph is the
+    # one the general path records, node for node, and the values are eager's
+    from dynbatch import blocks
+    lins = [nn.Linear(3, 3), nn.Linear(3, 3)]
+    cell = db.block(lambda x: (torch.tanh(x), torch.sigmoid(x)))
+    graphs, values = [], []
+    for limit in (100, 0):      # a recorder for every layout met twice in a row; none
+        monkeypatch.setattr(blocks, "_SITE_RECORDERS_PER_LINE", limit)
+        torch.manual_seed(0)
+        with db.autobatch() as run:
+            out = _varied_block_calls(lins, cell)
+            graphs.append(_graph_as_data(run))
+            made = [known[4] for _, calls in run.block_sites.values()
+                    for known in calls.values()]
+            values.append([o.value for o in out])
+        assert (max(made) > 0) == (limit > 0)
+    assert graphs[0] == graphs[1]
+    for a, b in zip(*values):
+        assert torch.equal(a, b)
+    torch.manual_seed(0)
+    eager = _varied_block_calls(lins, lambda x: (torch.tanh(x), torch.sigmoid(x)))
+    for a, b in zip(values[0], eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_line_whose_calls_keep_changing_makes_few_recorders():
+    # NOTE [site recorders]: each recorder serves one layout; a line alternating two
+    # modules stops making them after _SITE_RECORDERS_PER_LINE
+    from dynbatch import blocks
+    lins = [nn.Linear(3, 3), nn.Linear(3, 3)]
+    with db.autobatch() as run:
+        x = torch.tanh(torch.randn(3))
+        pair = (x * 2, x * 3)
+        out = [_mixer(lins[k // 2 % 2], pair, x, 1) for k in range(40)]
+        (made,) = [known[4] for _, calls in run.block_sites.values()
+                   for known in calls.values()]
+        assert made == blocks._SITE_RECORDERS_PER_LINE
+        assert len({id(o.node.info) for o in out}) == 2
+        values = [o.value for o in out]
+    for k, v in enumerate(values):
+        torch.testing.assert_close(v, lins[k // 2 % 2](x.value * 2) + x.value * 3 + x.value)
+
+
+def test_a_site_recorder_refuses_a_lazy_tensor_of_another_run():
+    # NOTE [site recorders]: the recorder's guards fail, and the general path says why
+    from dynbatch.errors import MixedRunError
+    lin = nn.Linear(3, 3)
+    with db.autobatch():
+        stale = torch.tanh(torch.randn(3))
+        stale_pair = (stale * 2, stale)
+        stale.value
+    with pytest.raises(MixedRunError):
+        with db.autobatch():
+            x = torch.tanh(torch.randn(3))
+            pair = (x * 2, x)
+            for args in [(lin, pair, x, 1)] * 3 + [(lin, stale_pair, x, 1)]:
+                _mixer(*args)
+
+
+def _linear(ex, m):
+    return m(ex)
 def _linear(ex, m):
     return m(ex)
 
