@@ -11,7 +11,8 @@ percent cannot be seen by running the benchmark before and after. Here the funct
 the live module's namespace, so both versions run on the same data, weights, caches and
 allocator state; each minibatch runs once with each version, in alternating order. Only
 module-level functions can be swapped, and only where callers look them up by name at call
-time (as dynbatch's own modules do; the wrappers a run puts on hot torch functions, made by
+time (as dynbatch's own modules do; a name imported into another dynbatch module is
+swapped there too; the wrappers a run puts on hot torch functions, made by
 ``trace._hot_wrapper`` and ``trace._tensor_wrapper``, are made anew after a swap).
 Figures: CPU ms per SST128 minibatch of the forward pass (the run's trace / schedule /
 execute from ``db.stats()``), minimum, median, and the median of the per-minibatch
@@ -81,7 +82,15 @@ def main(argv=None) -> None:
     model = impl.prepare(T.make_model(task))
     batches = T.minibatches(task.examples, args.batch, 4)
 
+    # dynbatch modules that imported a swapped function by name (``from .execute import
+    # execute_pending``) get the swap too
+    importers = [(m, swap) for swap in swaps for m in list(sys.modules.values())
+                 if getattr(m, "__name__", "").startswith("dynbatch.") and m is not swap[0]
+                 and getattr(m, swap[1], None) is swap[3]]
+
     def use(version: int) -> None:           # 2: old, 3: new
+        for module, swap in importers:
+            setattr(module, swap[1], swap[version])
         for swap in swaps:
             setattr(swap[0], swap[1], swap[version])
             if swap[0] is trace:    # a run patches torch with wrappers made once: make anew

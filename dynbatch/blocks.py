@@ -349,8 +349,8 @@ def _site_recorder(key, args, info, site):
     if code is None:
         if len(_RECORDER_CODE) >= _CODE_LIMIT:
             _RECORDER_CODE.clear()
-        code = _RECORDER_CODE[source] = compile(source, f"<dynbatch recorder {info.name}>",
-                                                "exec")
+        # (shared by every block of this layout: the file name names none of them)
+        code = _RECORDER_CODE[source] = compile(source, "<dynbatch site recorder>", "exec")
     exec(code, namespace)
     return namespace["record"]
 

@@ -70,9 +70,9 @@ def execute_pending(run, targets=None) -> None:
         return
     # the agenda reads no depths (its heights come from the graph): not built for it
     depths = None if run.strategy == "agenda" else [n.depth for n in pending]
-    uses: list = []         # NOTE [freeing]: counted by the agenda as it finds users
+    deaths: list = []       # NOTE [freeing]: found by the agenda from the users it finds
     batches = schedule(run.strategy, [n.info for n in pending], inputs, depths, offset,
-                       wanted, uses)
+                       wanted, deaths=deaths)
     t1 = time.perf_counter()
     stats = run.stats
     stats.schedule_s += t1 - t0
@@ -82,9 +82,11 @@ def execute_pending(run, targets=None) -> None:
     # Each batch is dropped once it has run: its node numbers are int objects of their
     # own (above 256), some 5 MB for a 150,000-node run, freed as the tensors pile up.
     batches.reverse()
+    deaths.reverse()
     with _DisableTorchFunction():
         while batches:
             batch = batches.pop()
+            dying = deaths.pop()
             executed += len(batch.nodes)
             members = [pending[i] for i in batch.nodes]
             info = batch.signature
@@ -102,7 +104,7 @@ def execute_pending(run, targets=None) -> None:
             if DEBUG:
                 print(f"dynbatch: batch {stats.batches:4d} {info!r} x{len(members)}")
             stats.batches += 1
-            _release(batch.nodes, inputs, offset, uses, pending)
+            _release(dying, pending)
     if not graph.ragged and executed == len(pending):
         graph.first_pending = len(nodes)
     else:
@@ -131,7 +133,7 @@ def _unheld_count() -> int:
 _UNHELD = _unheld_count()
 
 
-def _release(members, inputs, offset, uses, pending) -> None:
+def _release(dying, pending) -> None:
     """NOTE [freeing]: a node lets go of its batch's outputs (``batch`` becomes FREED)
     once the last pending node that reads it has run and nothing else can read it: no
     lazy tensor of it lives (the user's, a result, a target of this execution), so no node
@@ -143,24 +145,20 @@ def _release(members, inputs, offset, uses, pending) -> None:
     of them; the Python memory peak over the forward is 58 MB, the graph itself (``python
     benchmarks/time_split.py --profile --impl dynbatch-agenda --batch 256 --minibatches
     1``); the step's peak resident Δ went from 131 MB to 99 MB (hand-batched: 54 MB;
-    ``python scripts/bench.py``, BENCHMARKS.md). Counting the uses and letting
-    go cost no time that one process could measure: old and new code alternating, the
-    forward went x0.99 per-op and x0.98 blocks (``python benchmarks/ab.py
-    dynbatch.execute:execute_pending --rev REV``). The counts come from the agenda, which
-    finds every node's users anyway: on the graph of one SST minibatch of 64 trees,
-    ``schedule(..., uses=[])`` took 5 ms less than ``schedule(...)`` followed by
-    ``schedule.use_counts`` per-op (55.7 against 60.8 ms, 38,780 nodes) and 2 ms less
-    with blocks (7.1 against 9.2 ms, 5,732 nodes), minimum of 25 each."""
-    for i in members:
-        for j in inputs[i]:
-            j -= offset
-            if j >= 0:
-                left = uses[j] - 1
-                uses[j] = left
-                if left == 0:
-                    node = pending[j]
-                    if _getrefcount(node) <= _UNHELD:
-                        node.batch = FREED
+    ``python scripts/bench.py``, BENCHMARKS.md).
+
+    When: the scheduler hands over, for each batch, the nodes whose last reader is in it
+    (``schedule(..., deaths=[])``; the agenda takes each node's last reader from the
+    users it finds anyway, one step per node). Counting down every input entry of every
+    member after each batch instead cost 0.5 us an edge: with the deaths, old and new
+    code alternating (``python benchmarks/ab.py dynbatch.execute:execute_pending,_release
+    --rev 71add9c``), the execute phase went x0.80 per-op and x0.90 blocks, the schedule
+    x1.04 and x1.10, the forward x0.95 and x0.94 (SST, B=64, median of 16 and 40
+    minibatches)."""
+    for j in dying:
+        node = pending[j]
+        if _getrefcount(node) <= _UNHELD:
+            node.batch = FREED
 
 
 class _Freed:

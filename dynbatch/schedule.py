@@ -8,9 +8,10 @@ strategy only, so None will do for the agenda). With ``targets`` (node
 numbers, without the offset), only the targets and what they need are scheduled (NOTE [dead
 code] in execute.py); otherwise every node. Output: a list of ``Batch``; every scheduled node
 appears in exactly one, each batch holds one signature, and every input of a node lies in
-an earlier batch. Given ``uses`` (a list), ``schedule`` also leaves in it, for every node
-j, how many input entries name j, for the executor to let go of values (NOTE [freeing] in
-execute.py); the agenda takes the counts from the users it finds anyway.
+an earlier batch. Given ``deaths`` (a list), ``schedule`` also leaves in it, for each batch,
+the nodes whose last reader is in that batch (none for a node with no reader, or with one
+left unscheduled), for the executor to let go of values (NOTE [freeing] in execute.py);
+the agenda finds them from the users it finds anyway.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def depth_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int
 def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
                     depths: Sequence[int] | None, offset: int = 0,
                     targets: Iterable[int] | None = None,
-                    uses: list | None = None) -> list[Batch]:
+                    deaths: list | None = None) -> list[Batch]:
     """DyNet's agenda, critical path first: among the signatures with ready nodes, run the
     one whose ready nodes include the node with the longest path still ahead of it (its
     height: nodes in a chain of users below it), all its ready nodes at once, then release
@@ -93,8 +94,6 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
                 else:
                     us.append(i)
         waiting[i] = count
-    if uses is not None:
-        uses[:] = [0 if us is None else 1 if type(us) is int else len(us) for us in users]
     # heights (and, with targets, liveness) in one sweep from the last node back
     height = [0] * n
     live = None
@@ -136,6 +135,7 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
                 height[i] = h
     ready: dict[Hashable, list[int]] = {}
     top: dict[Hashable, int] = {}
+    batch_of = None if deaths is None else [n] * n      # n: not scheduled
     released = [i for i in range(n) if waiting[i] == 0 and (live is None or live[i])]
     batches: list[Batch] = []
     while True:
@@ -159,6 +159,10 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
                 best, best_top, best_size = sig, t, len(members)
         members = ready.pop(best)
         del top[best]
+        if batch_of is not None:
+            b = len(batches)
+            for i in members:
+                batch_of[i] = b
         batches.append(Batch(best, tuple(members)))
         released = []
         for i in members:
@@ -179,30 +183,65 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
     expected = n if live is None else sum(live)
     if sum(len(b.nodes) for b in batches) != expected:
         raise ValueError("agenda_schedule: the graph has a cycle or an input out of range")
+    if deaths is not None:
+        deaths[:] = _deaths_from_users(users, batch_of, len(batches))
     return batches
+
+
+def _deaths_from_users(users, batch_of, n_batches) -> list[list[int]]:
+    """deaths[b]: the nodes whose last reader is in batch b. A node with a reader left
+    unscheduled (``batch_of`` says n) or with none has no death. One step per node with
+    one reader (the commonest), not one per input entry as counting down uses was."""
+    deaths: list[list[int]] = [[] for _ in range(n_batches)]
+    never = len(batch_of)
+    for j, us in enumerate(users):
+        if us is None:
+            continue
+        if type(us) is int:
+            last = batch_of[us]
+        else:
+            last = 0
+            for u in us:
+                b = batch_of[u]
+                if b > last:
+                    last = b
+        if last < never:
+            deaths[last].append(j)
+    return deaths
+
+
+def deaths_of(inputs: Sequence[Sequence[int]], offset: int, batches: Sequence[Batch],
+              ) -> list[list[int]]:
+    """deaths[b] (as ``_deaths_from_users`` gives) for any schedule, from the inputs."""
+    n = len(inputs)
+    batch_of = [n] * n
+    for b, batch in enumerate(batches):
+        for i in batch.nodes:
+            batch_of[i] = b
+    last = [-1] * n
+    for i, ins in enumerate(inputs):
+        b = batch_of[i]
+        for j in ins:
+            j -= offset
+            if j >= 0 and b > last[j]:
+                last[j] = b
+    deaths: list[list[int]] = [[] for _ in batches]
+    for j, b in enumerate(last):
+        if 0 <= b < n:
+            deaths[b].append(j)
+    return deaths
 
 
 def schedule(strategy: str, signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
              depths: Sequence[int], offset: int = 0,
-             targets: Iterable[int] | None = None, uses: list | None = None) -> list[Batch]:
-    """The batches of the strategy named; ``uses`` (a list) is filled with every node's
-    count of input entries naming it, whichever the strategy."""
+             targets: Iterable[int] | None = None, deaths: list | None = None) -> list[Batch]:
+    """The batches of the strategy named; ``deaths`` (a list) is filled, whichever the
+    strategy, with the nodes whose last reader runs in each batch."""
     if strategy == "agenda":
-        return agenda_schedule(signatures, inputs, depths, offset, targets, uses)
+        return agenda_schedule(signatures, inputs, depths, offset, targets, deaths)
     if strategy == "depth":
-        if uses is not None:
-            uses[:] = use_counts(inputs, offset)
-        return depth_schedule(signatures, inputs, depths, offset, targets)
+        batches = depth_schedule(signatures, inputs, depths, offset, targets)
+        if deaths is not None:
+            deaths[:] = deaths_of(inputs, offset, batches)
+        return batches
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-
-
-def use_counts(inputs: Sequence[Sequence[int]], offset: int = 0) -> list[int]:
-    """uses[j]: how many entries of ``inputs`` name node j (numbers below ``offset``, nodes
-    already run, are not counted)."""
-    uses = [0] * len(inputs)
-    for ins in inputs:
-        for j in ins:
-            j -= offset
-            if j >= 0:
-                uses[j] += 1
-    return uses

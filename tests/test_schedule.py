@@ -342,22 +342,23 @@ def test_targets_leave_dead_nodes_out():
 
 @settings(max_examples=50, deadline=None)
 @given(dags(), st.data())
-def test_uses_count_every_input_entry(graph, data):
-    # The executor lets go of a value when its count reaches zero (NOTE [freeing] in
-    # execute.py): a count one short frees a value some node still reads. The reference
-    # counts entries, repeats included, of every node, live or not, with or without targets.
+def test_each_node_dies_in_the_batch_of_its_last_reader(graph, data):
+    # The executor lets go of a value after the batch named here (NOTE [freeing] in
+    # execute.py): a batch too early frees a value a later batch reads; a reader left
+    # unscheduled (targets) reads it in a later execution, so the value must not die.
+    # The reference looks at every reader of every node, repeats included.
     sigs, inputs, depths, offset = graph
     n = len(sigs)
-    expected = [0] * n
-    for ins in inputs:
-        for j in ins:
-            if j - offset >= 0:
-                expected[j - offset] += 1
     targets = data.draw(st.one_of(st.none(), st.lists(st.integers(0, n - 1), max_size=4))) \
         if n else None
     for strategy in STRATEGIES:
-        uses: list = []
-        batches = schedule(strategy, sigs, inputs, depths, offset, targets, uses)
-        assert uses == expected, strategy
+        deaths: list = []
+        batches = schedule(strategy, sigs, inputs, depths, offset, targets, deaths)
         assert batches == schedule(strategy, sigs, inputs, depths, offset, targets), strategy
-    assert schedule_mod.use_counts(inputs, offset) == expected
+        position = {i: b for b, batch in enumerate(batches) for i in batch.nodes}
+        expected = [[] for _ in batches]
+        for j in range(n):
+            readers = [i for i, ins in enumerate(inputs) if j + offset in ins]
+            if readers and all(i in position for i in readers):
+                expected[max(position[i] for i in readers)].append(j)
+        assert deaths == expected, strategy
