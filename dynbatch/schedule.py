@@ -184,17 +184,20 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
     if sum(len(b.nodes) for b in batches) != expected:
         raise ValueError("agenda_schedule: the graph has a cycle or an input out of range")
     if deaths is not None:
-        deaths[:] = _deaths_from_users(users, batch_of, len(batches))
+        deaths[:] = _deaths_from_users(users, batch_of, batches)
     return batches
 
 
-def _deaths_from_users(users, batch_of, n_batches) -> list[list[int]]:
+def _deaths_from_users(users, batch_of, batches) -> list[list[int]]:
     """deaths[b]: the nodes whose last reader is in batch b. A node with a reader left
     unscheduled (``batch_of`` says n) or with none has no death. One step per node with
-    one reader (the commonest), not one per input entry as counting down uses was."""
-    deaths: list[list[int]] = [[] for _ in range(n_batches)]
+    one reader (the commonest), not one per input entry as counting down uses was. The
+    node numbers are the batches' own int objects: fresh ones (above 256) would cost 32
+    bytes a node, 4.6 MB for a per-op minibatch of 256 SST trees."""
+    deaths: list[list[int]] = [[] for _ in batches]
     never = len(batch_of)
-    for j, us in enumerate(users):
+    for j in (j for batch in batches for j in batch.nodes):
+        us = users[j]
         if us is None:
             continue
         if type(us) is int:
@@ -226,9 +229,11 @@ def deaths_of(inputs: Sequence[Sequence[int]], offset: int, batches: Sequence[Ba
             if j >= 0 and b > last[j]:
                 last[j] = b
     deaths: list[list[int]] = [[] for _ in batches]
-    for j, b in enumerate(last):
-        if 0 <= b < n:
-            deaths[b].append(j)
+    for batch in batches:
+        for j in batch.nodes:       # the batches' int objects (see _deaths_from_users)
+            b = last[j]
+            if 0 <= b < n:
+                deaths[b].append(j)
     return deaths
 
 
