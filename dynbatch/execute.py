@@ -383,11 +383,7 @@ def _column(nodes, k, path, graph_nodes) -> list:
     tensor from the node's args, or for a plain node the first output of node
     ``inputs[k]``, which ``gather`` reads the same way (NOTE [plain nodes])."""
     i = path[0]
-    column = []
-    for n in nodes:
-        a = n.args
-        column.append(graph_nodes[n.inputs[k]] if a is None else a[i])
-    return column
+    return [graph_nodes[n.inputs[k]] if n.args is None else n.args[i] for n in nodes]
 
 
 def _store(nodes, out) -> None:
