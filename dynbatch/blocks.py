@@ -260,8 +260,9 @@ def _site_recorder(key, args, info, site):
     block call like the one just recorded there twice (``key``): the same block, the same
     objects (by identity) and Python values, lazy tensors with equal tkeys (by identity
     first: tkeys are mostly the signatures' own tuples) in the same places, the same grad
-    mode, no lists (they are copied). Anything else, a lazy tensor of another run included, makes
-    it return None, and ``record_block`` records the call its general way. The recorder
+    mode, no lists (they are copied). Anything else, a lazy tensor of another run
+    included, makes it return None, and ``record_block`` records the call its general
+    way. The recorder
     is straight-line code generated for the call's layout, as block bodies are (Program):
     no walk over the arguments, no key list to build and compare, the node and its lazy
     outputs made in place. One layout's code is compiled once per process; a run binds
@@ -311,7 +312,8 @@ def _site_recorder(key, args, info, site):
              " = args"]
     lines += [f"if {' or '.join(f'({g})' for g in guards[1:])}:", "    return None"]
     for name, names in unpack:
-        lines.append(f"{', '.join(names)}, = {name}")
+        if names:           # (an empty tuple has nothing to unpack)
+            lines.append(f"{', '.join(names)}, = {name}")
     item_guards = [_lazy_guard(x, n) for n, x in enumerate(lazies)
                    if any(x in names for _, names in unpack)]
     if item_guards:

@@ -683,6 +683,20 @@ def test_site_recorders_record_what_the_general_path_records(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+def test_a_site_recorder_takes_empty_and_one_item_tuples():
+    # NOTE [site recorders]: layouts with nothing to unpack, or one item, compile and run
+    @db.block
+    def scale(x, none, one, k):
+        return x * k + one[0]
+
+    with db.autobatch():
+        x = torch.tanh(torch.randn(3))
+        out = [scale(x, (), (x,), 2.0) for _ in range(4)]
+        values = [o.value for o in out]
+    for v in values:
+        torch.testing.assert_close(v, x.value * 3.0)
+
+
 def test_a_line_whose_calls_keep_changing_makes_few_recorders():
     # NOTE [site recorders]: each recorder serves one layout; a line alternating two
     # modules stops making them after _SITE_RECORDERS_PER_LINE
