@@ -5,10 +5,10 @@ harness.py)? Both ways of interleaving, on the same rounds, in one process:
     python benchmarks/interleaving.py --impl dynbatch-agenda --rounds 5
 
 Each round times hand-batched and the dynbatch implementation both round by round (all of
-one's minibatches, then all of the other's, as the harness used to) and step by step
-(minibatch k in both before minibatch k+1 in either, as it does now), which way first
-alternating from round to round. It prints, for each
-way, the median and the range of the per-round ratios, and each implementation's median
+one's minibatches, then all of the other's, as the harness does) and step by step
+(minibatch k in both before minibatch k+1 in either, as bfe6651 tried), which way first
+alternating from round to round. It prints, for each way, the median and the range of the
+per-round ratios, and each implementation's median
 round time: if a step were slowed by following the other implementation's step, the
 step-by-step times would be the longer ones.
 """

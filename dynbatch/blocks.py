@@ -158,6 +158,7 @@ def record_block(fn, args, kwargs):
     frame = _getframe(2)
     code = frame.f_code
     entry = run.block_sites.get(id(code))
+    known = None            # the line's last call: (key, site, info, recorder, made)
     if entry is not None:
         known = entry[1].get(frame.f_lasti)
         if known is not None and known[3] is not None:
@@ -220,7 +221,6 @@ def record_block(fn, args, kwargs):
     if entry is not None:
         calls = entry[1]
         offset = frame.f_lasti
-        known = calls.get(offset)
         if known is not None and known[0] == key:     # list ==: mostly `is` per item
             site = known[1]
             info = known[2]
@@ -252,7 +252,6 @@ def record_block(fn, args, kwargs):
 
 
 _SITE_RECORDERS_PER_LINE = 4    # a line whose calls keep changing falls back for good
-_RECORDER_CODE: dict = {}        # generated source -> its code object
 
 
 def _site_recorder(key, args, info, site):
@@ -262,10 +261,9 @@ def _site_recorder(key, args, info, site):
     first: tkeys are mostly the signatures' own tuples) in the same places, the same grad
     mode, no lists (they are copied). Anything else, a lazy tensor of another run
     included, makes it return None, and ``record_block`` records the call its general
-    way. The recorder
-    is straight-line code generated for the call's layout, as block bodies are (Program):
-    no walk over the arguments, no key list to build and compare, the node and its lazy
-    outputs made in place. One layout's code is compiled once per process; a run binds
+    way. The recorder is straight-line code generated for the call's layout, as block
+    bodies are (Program): no walk over the arguments, no key list to build and compare,
+    the node and its lazy outputs made in place. One layout's code is compiled once per process; a run binds
     its own block, objects, signature and site to it. Returns None for a call it cannot
     take (keywords, lists, a value that is not a plain object)."""
     fn, mode = key[0], key[1]
@@ -347,13 +345,8 @@ def _site_recorder(key, args, info, site):
         namespace["_structure"] = info.structure
         lines.append(f"return _structure(({', '.join(outs)},))")
     source = "def record(fn, args, run):\n" + "".join(f"    {line}\n" for line in lines)
-    code = _RECORDER_CODE.get(source)
-    if code is None:
-        if len(_RECORDER_CODE) >= _CODE_LIMIT:
-            _RECORDER_CODE.clear()
-        # (shared by every block of this layout: the file name names none of them)
-        code = _RECORDER_CODE[source] = compile(source, "<dynbatch site recorder>", "exec")
-    exec(code, namespace)
+    # one code object per layout, whichever block: the name titles no block of its own
+    exec(_compiled(source, "site recorder"), namespace)
     return namespace["record"]
 
 

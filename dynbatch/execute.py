@@ -70,7 +70,7 @@ def execute_pending(run, targets=None) -> None:
         return
     # the agenda reads no depths (its heights come from the graph): not built for it
     depths = None if run.strategy == "agenda" else [n.depth for n in pending]
-    deaths: list = []       # NOTE [freeing]: found by the agenda from the users it finds
+    deaths: list = []       # NOTE [freeing]: each batch's dying nodes, from the scheduler
     batches = schedule(run.strategy, [n.info for n in pending], inputs, depths, offset,
                        wanted, deaths=deaths)
     t1 = time.perf_counter()
@@ -150,11 +150,12 @@ def _release(dying, pending) -> None:
     When: the scheduler hands over, for each batch, the nodes whose last reader is in it
     (``schedule(..., deaths=[])``; the agenda takes each node's last reader from the
     users it finds anyway, one step per node). Counting down every input entry of every
-    member after each batch instead cost 0.5 us an edge: with the deaths, old and new
-    code alternating (``python benchmarks/ab.py dynbatch.execute:execute_pending,_release
-    --rev 71add9c``), the execute phase went x0.80 per-op and x0.90 blocks, the schedule
-    x1.04 and x1.10, the forward x0.95 and x0.94 (SST, B=64, median of 16 and 40
-    minibatches)."""
+    member after each batch instead cost 0.5 us an edge. Old and new code alternating
+    (``python benchmarks/ab.py dynbatch.execute:execute_pending,_release
+    dynbatch.schedule:schedule,agenda_schedule --rev 71add9c``; SST, B=64, median of 40
+    minibatches for blocks, 16 per-op): the execute phase went x0.90 blocks and x0.89
+    per-op, the schedule x1.13 and x1.18, the forward x0.97 and x1.02. A gain for
+    blocks; per-op, what the executor saves the scheduler spends."""
     for j in dying:
         node = pending[j]
         if _getrefcount(node) <= _UNHELD:

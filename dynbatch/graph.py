@@ -66,10 +66,12 @@ class Immediate:
 
     NOTE [shared immediates]: a run makes one lazy tensor per int it meets in
     ``torch.tensor(i)`` and hands it to every such call: a minibatch of 64 SST trees makes
-    4,187 of them from some 900 words and 5 labels. They are immutable constants (in-place
+    4,187 such calls on some 900 words and 5 labels. They are immutable constants (in-place
     ops on per-example tensors are refused), so sharing cannot change a value; a gather
     makes a column of them from their Python values whether or not some were filled, and
-    a result gets a tensor of its own (``execute.materialize``), as eager's results do."""
+    a result gets a tensor of its own (``execute.materialize``), as eager's results do.
+    Only ``.value`` read inside the run is one tensor for equal calls: an in-place change
+    to it there is seen by both."""
 
     __slots__ = ("args", "info", "example", "owner", "batch", "row")
     id = -1
