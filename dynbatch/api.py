@@ -238,6 +238,7 @@ def _close(run, counters) -> None:
     run.local_signatures = None
     run.templates = None
     run.block_sites = None
+    run.op_sites = None
     if not run.failed:
         profile.publish(stats)
 

@@ -731,8 +731,76 @@ def test_a_site_recorder_refuses_a_lazy_tensor_of_another_run():
                 _mixer(*args)
 
 
-def _linear(ex, m):
-    return m(ex)
+def _varied_op_calls():
+    """Calls from one line that repeat and change: two functions, lazy and Python second
+    arguments (int, float, another value, nan, a bool), another shape, chunk outputs
+    (not first outputs), immediates, a tensor whose tkey is equal but not the same
+    object, an operator on one line too, and the same call under no_grad."""
+    x, x1 = torch.tanh(torch.randn(3)), torch.tanh(torch.randn(1))
+    parts = torch.tanh(torch.randn(6)).chunk(2)
+    same_shape = torch.randn(3)          # a constant: its tkey is a tuple of its own
+    calls = [(torch.mul, x, x)] * 3 + [(torch.mul, x, 2.0)] * 3 + [(torch.mul, x, 2)] * 3 + \
+        [(torch.mul, x, 3)] * 2 + [(torch.add, x, 3)] * 2 + [(torch.mul, x1, 2.0)] * 2 + \
+        [(torch.mul, parts[1], parts[0])] * 3 + [(torch.mul, parts[0], parts[1])] * 2 + \
+        [(torch.mul, x, torch.tensor(4))] * 3 + [(torch.mul, torch.tensor(4), x)] * 2 + \
+        [(torch.sigmoid, x)] * 3 + [(torch.sigmoid, parts[1])] * 2 + \
+        [(torch.mul, x, x)] * 2 + [(torch.mul, x, x1)] * 2 + \
+        [(torch.mul, x, float("nan"))] * 2 + \
+        [(torch.mul, x, True)] * 2 + [(torch.mul, same_shape, 2.0)] * 2 + \
+        [(torch.sigmoid, x)] * 3 + [(torch.mul, x, 2.0)] * 6
+    modes = [torch.enable_grad] * (len(calls) - 3) + [torch.no_grad] * 3
+    out = []
+    for (f, *args), mode in zip(calls, modes):
+        with mode():
+            out.append(f(*args))
+            out.append(args[0] * args[-1])
+    return out
+
+
+def test_op_sites_record_the_graph_the_general_path_does(monkeypatch):
+    # NOTE [op sites]: a line's repeated call skips the key; the graph is the one the
+    # general path records, node for node, and the values are eager's
+    from dynbatch import trace
+    graphs, values, hits = [], [], []
+    remembered = trace._record_as_before
+    counted = [0]
+
+    def counting(*args):
+        out = remembered(*args)
+        counted[0] += out is not None
+        return out
+    for fast in (counting, lambda *args: None):
+        monkeypatch.setattr(trace, "_record_as_before", fast)
+        torch.manual_seed(0)
+        counted[0] = 0
+        with db.autobatch() as run:
+            out = _varied_op_calls()
+            graphs.append(_graph_as_data(run))
+            values.append([o.value for o in out])
+        hits.append(counted[0])
+    assert hits[0] > 20 and hits[1] == 0
+    assert graphs[0] == graphs[1]
+    for a, b in zip(*values):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    torch.manual_seed(0)
+    for a, b in zip(values[0], _varied_op_calls()):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_an_op_site_refuses_a_lazy_tensor_of_another_run():
+    # NOTE [op sites]: the remembered call does not match, and the general path says why
+    from dynbatch.errors import MixedRunError
+    with db.autobatch():
+        stale = torch.tanh(torch.randn(3))
+        stale.value
+    for second in (False, True):
+        with pytest.raises(MixedRunError):
+            with db.autobatch():
+                x = torch.tanh(torch.randn(3))
+                for a in [x, x, x, stale]:
+                    torch.mul(x, a) if second else torch.sigmoid(a)
+
+
 def _linear(ex, m):
     return m(ex)
 
