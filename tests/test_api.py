@@ -1237,6 +1237,50 @@ def test_a_dropout_that_drops_nothing_returns_its_input(drop):
     assert db.stats().nodes == 4 * 4   # x, W @ x, tanh, * 2: no dropout node
 
 
+@pytest.mark.parametrize("hooked", ["forward_hook", "forward_pre_hook", "global_hook",
+                                    "own_forward"])
+def test_a_dropout_module_that_drops_nothing_still_runs_what_eager_runs(hooked):
+    # NOTE [identity dropout] at the module: the shortcut leaves alone any call that would
+    # run more than F.dropout (a hook, a forward of the instance's own)
+    calls = []
+    drop = nn.Dropout(0.0)
+    handle = None
+    if hooked == "forward_hook":
+        drop.register_forward_hook(lambda m, args, out: calls.append(1) or out * 3)
+    elif hooked == "forward_pre_hook":
+        drop.register_forward_pre_hook(lambda m, args: calls.append(1) or (args[0] * 3,))
+    elif hooked == "global_hook":
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, args, out: (calls.append(1) or out * 3) if m is drop else None)
+    else:
+        drop.forward = lambda x: calls.append(1) or x * 3
+    W = nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+
+    def fn(x, W):
+        return drop(torch.tanh(W @ x)) * 2
+
+    try:
+        xs = [torch.randn(3, dtype=torch.float64) for _ in range(4)]
+        assert_matches_eager(fn, xs, W, atol=ATOL, rtol=RTOL)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert len(calls) == 8                  # eager's four, then the trace's four
+    assert db.stats().nodes == 5 * 4        # x, W @ x, tanh, the hook's * 3, * 2
+
+
+def test_a_dropout_module_that_drops_still_drops():
+    torch.manual_seed(0)
+    drop = nn.Dropout(0.5)
+    outs = db.batched(lambda x: drop(torch.tanh(x)))([torch.ones(100) for _ in range(8)])
+    assert db.stats().nodes == 3 * 8                  # x, tanh, dropout
+    values = torch.stack(outs)
+    kept = values != 0
+    assert 0.3 < kept.float().mean() < 0.7
+    torch.testing.assert_close(values[kept], torch.tanh(torch.ones(())).expand(
+        int(kept.sum())) * 2)
+
+
 def test_a_dropout_that_drops_is_still_batched():
     torch.manual_seed(0)
     W = nn.Parameter(torch.randn(3, 3))
