@@ -59,9 +59,9 @@ def headline(result: dict, task: str = "sst128", B: int = 64, threads: int = 1) 
         return []
     mem_sizes = sorted({m["batch"] for m in result["memory"] if m["task"] == task})
     out = [f"### Headline: {task}, minibatch {B}, {threads} thread{'s' * (threads > 1)}", "",
-           "| implementation | train ex/s | × hand | × eager | infer ex/s | × hand | × eager | "
-           "batched calls (train) | "
-           + " | ".join(f"peak RSS Δ B={s} (× hand)" for s in mem_sizes) + " |",
+           "| " + " | ".join(["implementation", "train ex/s", "× hand", "× eager", "infer ex/s",
+                              "× hand", "× eager", "batched calls (train)"]
+                             + [f"peak RSS Δ B={s} (× hand)" for s in mem_sizes]) + " |",
            "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(mem_sizes)]
     for r in sorted(rows, key=lambda r: H.IMPLS.index(r["impl"])):
         calls = r.get("train_stats", {}).get("batches")
@@ -76,7 +76,8 @@ def headline(result: dict, task: str = "sst128", B: int = 64, threads: int = 1) 
                    f"{'†' if r.get('eager_capped') else ''} | {_ratio(r.get('train_x_hand'))} | "
                    f"{_ratio(r.get('train_x_eager'))} | {_fmt(r['infer_eps'])} | "
                    f"{_ratio(r.get('infer_x_hand'))} | {_ratio(r.get('infer_x_eager'))} | "
-                   f"{'—' if calls is None else f'{calls:.0f}'} | " + " | ".join(mems) + " |")
+                   f"{'—' if calls is None else f'{calls:.0f}'} |"
+                   + "".join(f" {m} |" for m in mems))
     notes = [""]
     if any(r.get("eager_capped") for r in rows):
         notes += ["† timed on fewer examples, reported per example (see Run).", ""]
