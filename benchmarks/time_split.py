@@ -116,10 +116,10 @@ def main(argv=None) -> None:
 def profile_step(impls, models, batch) -> None:
     """Is the gap in the batched torch work or around it? ATen self time of one training
     step (forward and backward) under torch.profiler, per implementation; the peak of
-    Python memory over the forward (tracemalloc); and for dynbatch the Python memory
-    allocated while tracing, per recorded node, and the batch outputs the run made
-    against those still held when it closes (NOTE [freeing] in dynbatch/execute.py: before
-    it, a run held every one it made)."""
+    Python memory over the forward (tracemalloc) and the tensors saved for backward; and
+    for dynbatch the Python memory allocated while tracing, per recorded node, and the
+    batch outputs the run made against those still held when it closes (NOTE [freeing]
+    in dynbatch/execute.py: before it, a run held every one it made)."""
     from torch.profiler import ProfilerActivity, profile
     for name, impl in impls.items():
         impl.losses(models[name], batch).sum().backward()        # warm-up
@@ -130,7 +130,9 @@ def profile_step(impls, models, batch) -> None:
         print(f"  {name:26s} ATen self time {aten / 1e3:7.1f} ms in "
               f"{sum(e.count for e in events if e.key.startswith('aten::'))} ATen calls")
         memory = python_memory(impl, models[name], batch, name != "hand")
-        print(f"  {'':26s} Python memory peak over the forward {memory['peak'] / MB:.1f} MB")
+        print(f"  {'':26s} Python memory peak over the forward {memory['peak'] / MB:.1f} MB; "
+              f"tensors saved for backward "
+              f"{saved_for_backward(impl, models[name], batch) / MB:.1f} MB")
         if name != "hand":
             print(f"  {'':26s} tracing allocates {memory['per_node']} bytes of Python memory "
                   f"per node; batch outputs made {memory['made'] / MB:.1f} MB, still held "
@@ -138,6 +140,22 @@ def profile_step(impls, models, batch) -> None:
 
 
 MB = 2 ** 20
+
+
+def saved_for_backward(impl, model, batch) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass of one forward,
+    the parameters left out: what both implementations must hold at the end of it, next
+    to dynbatch's graph (a view of a batch output counts as the whole output)."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        impl.losses(model, batch)
+    return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
 def python_memory(impl, model, batch, dynbatch: bool) -> dict:

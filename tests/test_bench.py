@@ -236,9 +236,26 @@ def test_time_split_reports_every_phase(tiny_sst: Path, capsys):
     assert (api.execute_pending, execute._store, api._close) == (execute_pending, store, close)
     out = capsys.readouterr().out
     assert out.count("Python memory peak over the forward") == 2
+    saved = [float(part.split()[0]) for part in out.split("tensors saved for backward ")[1:]]
+    assert len(saved) == 2 and all(x > 0 for x in saved), out
     made = float(out.split("batch outputs made ")[1].split()[0])
     held = float(out.split("still held when the run closes ")[1].split()[0])
     assert held < made, out            # equal before NOTE [freeing]
+
+
+def test_memory_phases_reports_each_phase_of_a_step(tiny_sst: Path, capsys):
+    # benchmarks/memory_phases.py: resident memory by phase; only the report's shape
+    from benchmarks import memory_phases
+    from dynbatch import api
+    execute_pending = api.execute_pending
+    memory_phases.main(["--sst-dir", str(tiny_sst), "--batch", "4", "--tiny"])
+    assert api.execute_pending is execute_pending                         # unpatched after
+    steps = [line for line in capsys.readouterr().out.splitlines()
+             if line.strip().startswith("step ")]
+    assert len(steps) == 3
+    for line in steps:
+        for phase in ("traced", "executed", "forward returned", "backward", "Adam"):
+            assert f"{phase} +" in line or f"{phase} -" in line, line
 
 
 def _in_git_checkout() -> bool:

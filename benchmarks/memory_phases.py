@@ -1,0 +1,94 @@
+"""Where a training step's peak resident memory comes from, phase by phase.
+
+    python benchmarks/memory_phases.py                       # SST128 per-op, B=256
+    python benchmarks/memory_phases.py --impl hand
+    python benchmarks/memory_phases.py --impl dynbatch-blocks-agenda --batch 64
+
+scripts/bench.py measures one figure per implementation: the peak resident size (VmHWM)
+of a training step over the process's base. This splits it: the resident size (VmRSS) and
+the high-water mark since the step began, both over the base, when tracing ends (dynbatch:
+the graph is recorded, nothing has run), when execution ends, when the forward returns
+(the run has closed and dropped its graph), after the backward pass and after Adam; for
+three consecutive minibatches, as the first step also pays for what later ones reuse.
+Same settings as bench.py's memory workers (1 thread; glibc's mmap threshold fixed, set
+below before torch loads, so that resident memory follows live memory). Linux only.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"no {field} in /proc/self/status: this tool needs Linux")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", default="sst128", choices=("sst128", "sst300", "ast", "tagger"))
+    ap.add_argument("--impl", default="dynbatch-agenda")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--limit", type=int, default=1024, help="examples loaded")
+    ap.add_argument("--tiny", action="store_true", help="tiny model dimensions (for tests)")
+    ap.add_argument("--sst-dir", default=None,
+                    help="SST directory (default $DYNBATCH_SST_DIR or ../shared/data/sst)")
+    args = ap.parse_args(argv)
+    from benchmarks import harness as H
+    from benchmarks import tasks as T
+    import dynbatch.api as api
+    import torch
+    torch.set_num_threads(1)
+    task = T.load_task_or_exit(args.task, limit=args.limit, sst_dir=T.sst_dir(args.sst_dir),
+                               tiny=args.tiny)
+    runner = H.make_runner(task.name, args.impl, T.make_model(task))
+    runner.train_step(task.examples[:1])
+    marks = []
+
+    def mark(name):
+        marks.append((name, _status_mb("VmRSS"), _status_mb("VmHWM")))
+
+    execute_pending = api.execute_pending
+
+    def phases(run, targets=None):
+        mark("traced")
+        execute_pending(run, targets)
+        mark("executed")
+    api.execute_pending = phases
+    print(f"{task.name} {args.impl}, training B={args.batch}, 1 thread: MB over the base "
+          f"(resident now / high-water mark since the step began)")
+    try:
+        for k, batch in enumerate(T.minibatches(task.examples, args.batch, 3)):
+            gc.collect()
+            H.reset_peak_rss()
+            marks.clear()
+            base = _status_mb("VmRSS")
+            runner.opt.zero_grad(set_to_none=True)
+            loss = runner.impl.losses(runner.model, batch).sum()
+            mark("forward returned")
+            loss.backward()
+            del loss
+            mark("backward")
+            runner.opt.step()
+            mark("Adam")
+            print(f"  step {k + 1} (base {base:.0f} MB): " + "; ".join(
+                f"{name} {rss - base:+.1f} / {hwm - base:+.1f}" for name, rss, hwm in marks))
+    finally:
+        api.execute_pending = execute_pending
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    if os.environ.get("_DYNBATCH_MEMORY_PHASES") is None:     # glibc reads it at start-up
+        os.environ["_DYNBATCH_MEMORY_PHASES"] = "1"
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    main()
