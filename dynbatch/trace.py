@@ -7,8 +7,8 @@ tensor is an immediate, not even a node: NOTE [immediates] in graph.py). Everyth
 reached from outside (parameters, buffers, tables) is shared and passed to batched calls
 as is.
 
-``record(fn, args, kwargs)`` is the hot path: one signature key, one dict lookup, one Node.
-What a new key needs (output shapes, rule) is worked out once, in infer.py; a sum of a
+``record(fn, args, kwargs)`` is the hot path: one signature key, one dict lookup, one Node;
+a line that repeats its last call skips the key (NOTE [op sites]). What a new key needs (output shapes, rule) is worked out once, in infer.py; a sum of a
 stack is recorded as one rewritten node (NOTE [stacked sums] in fusion.py). The run's
 TorchFunctionMode, and the wrappers of the hottest torch functions, send every torch call
 made by the traced code here.
