@@ -261,8 +261,8 @@ def record(fn, args, kwargs):
         # NOTE [op sites]: this line's last call, if it was one like this, says it all
         frame = _getframe(2)
         code = frame.f_code
-        if code is _HOT_CODE:           # through a hot-function wrapper: one frame more
-            frame = frame.f_back
+        if code is _HOT_CODE and frame.f_back is not None:  # through a hot-function
+            frame = frame.f_back                             # wrapper: one frame more
             code = frame.f_code
         offset = frame.f_lasti
         calls = run.op_sites.get(id(code))
