@@ -288,9 +288,9 @@ def _site_recorder(key, args, info, site):
     included, makes it return None, and ``record_block`` records the call its general
     way. The recorder is straight-line code generated for the call's layout, as block
     bodies are (Program): no walk over the arguments, no key list to build and compare,
-    the node and its lazy outputs made in place. One layout's code is compiled once per process; a run binds
-    its own block, objects, signature and site to it. Returns None for a call it cannot
-    take (keywords, lists, a value that is not a plain object)."""
+    the node and its lazy outputs made in place. One layout's code is compiled once per
+    process; a run binds its own block, objects, signature and site to it. Returns None
+    for a call it cannot take (keywords, lists, a value that is not a plain object)."""
     fn, mode = key[0], key[1]
     namespace = {"_fn": fn, "_mode": mode, "_info": info, "_site": site,
                  "_LT": LazyTensor, "_Node": Node, "_new": object.__new__,

@@ -135,7 +135,7 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
                 height[i] = h
     ready: dict[Hashable, list[int]] = {}
     top: dict[Hashable, int] = {}
-    batch_of = None if deaths is None else [n] * n      # n: not scheduled
+    batch_of = [n] * n      # each node's batch, for the deaths; n: not scheduled
     released = [i for i in range(n) if waiting[i] == 0 and (live is None or live[i])]
     batches: list[Batch] = []
     while True:
@@ -159,13 +159,11 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
                 best, best_top, best_size = sig, t, len(members)
         members = ready.pop(best)
         del top[best]
-        if batch_of is not None:
-            b = len(batches)
-            for i in members:
-                batch_of[i] = b
+        b = len(batches)
         batches.append(Batch(best, tuple(members)))
         released = []
         for i in members:
+            batch_of[i] = b
             us = users[i]
             if us is None:
                 continue
