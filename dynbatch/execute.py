@@ -52,8 +52,15 @@ def execute_pending(run, targets=None) -> None:
     if not graph.ragged:
         # every node from first_pending on is pending: schedule them in place, numbered
         # from `start`, and let the scheduler drop what no target needs
-        pending = nodes[start:]
         offset = start
+        if start == 0:
+            # the whole graph (the commonest case): no copy of it, and the node ids are the
+            # numbers the scheduler counts with (schedule's ``numbers``)
+            pending = nodes
+            numbers = [n.id for n in nodes]
+        else:
+            pending = nodes[start:]
+            numbers = None
         inputs = [n.inputs for n in pending]
         if targets is not None:
             wanted = [t.id - start for t in targets if t.batch is None and t.id >= start]
@@ -62,6 +69,7 @@ def execute_pending(run, targets=None) -> None:
         # number the pending ones afresh; the scheduler still drops what no target needs
         pending = [n for n in nodes[start:] if n.batch is None]
         offset = 0
+        numbers = None
         local = {n.id: k for k, n in enumerate(pending)}
         inputs = [[local[j] for j in n.inputs if j in local] for n in pending]
         if targets is not None:
@@ -72,15 +80,18 @@ def execute_pending(run, targets=None) -> None:
     depths = None if run.strategy == "agenda" else [n.depth for n in pending]
     deaths: list = []       # NOTE [freeing]: each batch's dying nodes, from the scheduler
     batches = schedule(run.strategy, [n.info for n in pending], inputs, depths, offset,
-                       wanted, deaths=deaths)
+                       wanted, deaths, numbers)
+    del inputs, numbers
     t1 = time.perf_counter()
     stats = run.stats
     stats.schedule_s += t1 - t0
     mode = autograd_mode()
     run.signatures_run.update(b.signature for b in batches)
     executed = 0
-    # Each batch is dropped once it has run: its node numbers are int objects of their
-    # own (above 256), some 5 MB for a 150,000-node run, freed as the tensors pile up.
+    # Each batch is dropped once it has run: its tuple of node numbers, 1 MB for a
+    # 150,000-node run (and as much in int objects where the numbers are not the ids),
+    # is freed as the tensors pile up.
+    unheld = _UNHELD - (pending is nodes)       # (see _unheld_count)
     batches.reverse()
     deaths.reverse()
     with _DisableTorchFunction():
@@ -104,7 +115,7 @@ def execute_pending(run, targets=None) -> None:
             if DEBUG:
                 print(f"dynbatch: batch {stats.batches:4d} {info!r} x{len(members)}")
             stats.batches += 1
-            _release(dying, pending)
+            _release(dying, pending, unheld)
     if not graph.ragged and executed == len(pending):
         graph.first_pending = len(nodes)
     else:
@@ -121,8 +132,8 @@ _getrefcount = sys.getrefcount
 def _unheld_count() -> int:
     """What getrefcount says, in _release, of a node that no user holds: graph.nodes and
     execute_pending's list of pending nodes hold it, besides the local and getrefcount's
-    argument (4 on CPython 3.11). Measured, not assumed: interpreters that borrow
-    references for locals count fewer."""
+    argument (4 on CPython 3.11; one fewer where the pending list is graph.nodes itself).
+    Measured, not assumed: interpreters that borrow references for locals count fewer."""
     probe = object()
     graph_nodes, pending = [probe], [probe]
     del probe
@@ -133,7 +144,7 @@ def _unheld_count() -> int:
 _UNHELD = _unheld_count()
 
 
-def _release(dying, pending) -> None:
+def _release(dying, pending, unheld=_UNHELD) -> None:
     """NOTE [freeing]: a node lets go of its batch's outputs (``batch`` becomes FREED)
     once the last pending node that reads it has run and nothing else can read it: no
     lazy tensor of it lives (the user's, a result, a target of this execution), so no node
@@ -158,7 +169,7 @@ def _release(dying, pending) -> None:
     blocks; per-op, what the executor saves the scheduler spends."""
     for j in dying:
         node = pending[j]
-        if _getrefcount(node) <= _UNHELD:
+        if _getrefcount(node) <= unheld:
             node.batch = FREED
 
 
@@ -391,10 +402,23 @@ def _store(nodes, out) -> None:
     # An executed node's arguments are not needed again (its value is (batch, row)):
     # dropping them frees the argument tuples, and the lazy tensors only they held, while
     # the rest of the run executes, where tensors pile up for the backward pass.
-    for row, node in enumerate(nodes):
+    for node, row in zip(nodes, _row_numbers(len(nodes))):
         node.batch = out
         node.row = row
         node.args = None
+
+
+_ROW_NUMBERS = list(range(1024))
+
+
+def _row_numbers(count: int) -> list:
+    """Row numbers 0..count-1 (or more), one int object each for the whole process.
+    ``enumerate`` makes an int object per row above 256, which every node keeps as its
+    ``row``: 110,000 of them, 3 MB, for a per-op SST minibatch of 256 trees, made at the
+    end of the forward pass where its memory peaks."""
+    if count > len(_ROW_NUMBERS):
+        _ROW_NUMBERS.extend(range(len(_ROW_NUMBERS), count))
+    return _ROW_NUMBERS
 
 
 def _bulk(nodes, direct) -> Tensor:

@@ -11,7 +11,11 @@ appears in exactly one, each batch holds one signature, and every input of a nod
 an earlier batch. Given ``deaths`` (a list), ``schedule`` also leaves in it, for each batch,
 the nodes whose last reader is in that batch (none for a node with no reader, or with one
 left unscheduled), for the executor to let go of values (NOTE [freeing] in execute.py);
-the agenda finds them from the users it finds anyway.
+the agenda finds them from the users it finds anyway. Given ``numbers`` (``numbers[i] ==
+i``, e.g. the graph's own node ids), the batches, deaths and the scheduler's own lists hold
+those int objects: counting afresh makes one of 32 bytes per node above 256, 3.7 MB for a
+per-op minibatch of 256 SST trees, at the point where a training step's Python memory
+peaks.
 """
 from __future__ import annotations
 
@@ -43,12 +47,14 @@ def _needed(inputs: Sequence[Sequence[int]], offset: int, targets: Iterable[int]
 
 def depth_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
                    depths: Sequence[int], offset: int = 0,
-                   targets: Iterable[int] | None = None) -> list[Batch]:
+                   targets: Iterable[int] | None = None,
+                   numbers: Sequence[int] | None = None) -> list[Batch]:
     """TF Fold: one batch per (depth, signature), shallow depths first. Inputs always sit at
     a smaller depth, so this order is valid without looking at ``inputs``."""
     live = None if targets is None else _needed(inputs, offset, targets)
     groups: dict[tuple[int, Hashable], list[int]] = {}
-    for i, key in enumerate(zip(depths, signatures)):
+    for i, key in zip(range(len(depths)) if numbers is None else numbers,
+                      zip(depths, signatures)):
         if live is not None and not live[i]:
             continue
         members = groups.get(key)
@@ -64,7 +70,8 @@ def depth_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int
 def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
                     depths: Sequence[int] | None, offset: int = 0,
                     targets: Iterable[int] | None = None,
-                    deaths: list | None = None) -> list[Batch]:
+                    deaths: list | None = None,
+                    numbers: Sequence[int] | None = None) -> list[Batch]:
     """DyNet's agenda, critical path first: among the signatures with ready nodes, run the
     one whose ready nodes include the node with the longest path still ahead of it (its
     height: nodes in a chain of users below it), all its ready nodes at once, then release
@@ -80,7 +87,7 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
     # users[j]: None, the one user's number, or a list of them. Most nodes have one user;
     # an int instead of a one-item list saves 70 bytes a node (a 180,000-node run: 12 MB)
     users: list = [None] * n
-    for i, ins in enumerate(inputs):
+    for i, ins in enumerate(inputs) if numbers is None else zip(numbers, inputs):
         count = 0
         for j in ins:
             j -= offset
@@ -136,7 +143,8 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
     ready: dict[Hashable, list[int]] = {}
     top: dict[Hashable, int] = {}
     batch_of = [n] * n      # each node's batch, for the deaths; n: not scheduled
-    released = [i for i in range(n) if waiting[i] == 0 and (live is None or live[i])]
+    released = [i for i in (range(n) if numbers is None else numbers)
+                if waiting[i] == 0 and (live is None or live[i])]
     batches: list[Batch] = []
     while True:
         for u in released:
@@ -237,13 +245,14 @@ def deaths_of(inputs: Sequence[Sequence[int]], offset: int, batches: Sequence[Ba
 
 def schedule(strategy: str, signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
              depths: Sequence[int], offset: int = 0,
-             targets: Iterable[int] | None = None, deaths: list | None = None) -> list[Batch]:
+             targets: Iterable[int] | None = None, deaths: list | None = None,
+             numbers: Sequence[int] | None = None) -> list[Batch]:
     """The batches of the strategy named; ``deaths`` (a list) is filled, whichever the
     strategy, with the nodes whose last reader runs in each batch."""
     if strategy == "agenda":
-        return agenda_schedule(signatures, inputs, depths, offset, targets, deaths)
+        return agenda_schedule(signatures, inputs, depths, offset, targets, deaths, numbers)
     if strategy == "depth":
-        batches = depth_schedule(signatures, inputs, depths, offset, targets)
+        batches = depth_schedule(signatures, inputs, depths, offset, targets, numbers)
         if deaths is not None:
             deaths[:] = deaths_of(inputs, offset, batches)
         return batches
