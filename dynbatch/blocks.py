@@ -265,7 +265,9 @@ def record_block(fn, args, kwargs):
     if lists:       # the user may change their list before the node runs
         args = trace.snapshot(args)
     nodes = run.graph.nodes
-    node = Node(len(nodes), fn, args, None, info, inputs, depth + 1, run.example, site, run)
+    # a node keeps its inputs as a tuple: 24 bytes less than a list (an empty one: 56)
+    node = Node(len(nodes), fn, args, None, info, tuple(inputs), depth + 1, run.example,
+                site, run)
     nodes.append(node)
     outputs = info.outputs
     structure = info.structure
@@ -346,11 +348,17 @@ def _site_recorder(key, args, info, site):
     lines += [f"if {' or '.join(f'{n}.owner is not run' for n in nodes)}:", "    return None",
               "if (2 if _inference() else 1 if _grad() else 0) != _mode:", "    return None"]
     # the inputs and depth as the general loop finds them (NOTE [block edges])
-    lines += [f"last = {nodes[0]}.id", "inputs = [last] if last >= 0 else []",
-              f"depth = {nodes[0]}.depth"]
-    for n in nodes[1:]:
-        lines += [f"i = {n}.id", "if i != last and i >= 0:", "    inputs.append(i)",
-                  "    last = i", f"if {n}.depth > depth:", f"    depth = {n}.depth"]
+    # (as a tuple, which a node keeps in 24 bytes less than a list; () is shared)
+    if len(nodes) == 1:
+        lines += [f"last = {nodes[0]}.id", "inputs = (last,) if last >= 0 else ()",
+                  f"depth = {nodes[0]}.depth"]
+    else:
+        lines += [f"last = {nodes[0]}.id", "inputs = [last] if last >= 0 else []",
+                  f"depth = {nodes[0]}.depth"]
+        for n in nodes[1:]:
+            lines += [f"i = {n}.id", "if i != last and i >= 0:", "    inputs.append(i)",
+                      "    last = i", f"if {n}.depth > depth:", f"    depth = {n}.depth"]
+        lines.append("inputs = tuple(inputs)")
     lines += ["nodes = run.graph.nodes",
               "node = _Node(len(nodes), fn, args, None, _info, inputs, depth + 1, "
               "run.example, _site, run)",

@@ -142,7 +142,9 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
                 height[i] = h
     ready: dict[Hashable, list[int]] = {}
     top: dict[Hashable, int] = {}
-    batch_of = [n] * n      # each node's batch, for the deaths; n: not scheduled
+    # each node's batch, for the deaths (n: not scheduled). A node's height is read only
+    # until it is scheduled, so its batch takes the height's place: a list of n fewer.
+    batch_of = height
     released = [i for i in (range(n) if numbers is None else numbers)
                 if waiting[i] == 0 and (live is None or live[i])]
     batches: list[Batch] = []
@@ -189,6 +191,10 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
     expected = n if live is None else sum(live)
     if sum(len(b.nodes) for b in batches) != expected:
         raise ValueError("agenda_schedule: the graph has a cycle or an input out of range")
+    if live is not None:
+        for i in range(n):
+            if not live[i]:
+                batch_of[i] = n
     if deaths is not None:
         deaths[:] = _deaths_from_users(users, batch_of, batches)
     return batches

@@ -192,7 +192,7 @@ def signature_key(fn, args, kwargs, owner):
             key.append(name)
             key.append(_seq_key((a,), inputs, owner, box))
         depth = box[0]
-    return tuple(key), inputs, depth, False
+    return tuple(key), tuple(inputs), depth, False
 
 
 def layout_of(args, kwargs):

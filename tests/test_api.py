@@ -1149,9 +1149,9 @@ def test_block_nodes_list_each_input_node_once_and_no_immediates():
     with db.autobatch() as run:
         pairs = [split(torch.tensor(v)) for v in (0.5, -1.0, 2.0)]
         outs = [merge(p, torch.tensor(3.0)) for p in pairs]
-        assert [p[0].node.inputs for p in pairs] == [[], [], []]
+        assert [p[0].node.inputs for p in pairs] == [(), (), ()]
         assert [p[0].node.depth for p in pairs] == [1, 1, 1]
-        assert [o.node.inputs for o in outs] == [[p[0].node.id] for p in pairs]
+        assert [o.node.inputs for o in outs] == [(p[0].node.id,) for p in pairs]
         run.graph.lint()
         outs[0].item()          # executes them all: their arguments are dropped
         run.graph.lint()
@@ -1292,3 +1292,32 @@ def test_a_dropout_that_drops_is_still_batched():
     assert db.stats().nodes == 5 * 64 and db.stats().batches <= 5
     torch.stack(outs).sum().backward()
     assert W.grad is not None and W.grad.abs().sum() > 0
+
+
+def test_nodes_of_one_signature_share_one_dict_of_plain_keywords():
+    # append_node: plain keyword values are part of the key, so every node of a signature
+    # has the same ones; they keep one dict, not one each. Lazy keyword values stay per node.
+    def f(x, y):
+        a = torch.cat([x, y], dim=0)
+        b = torch.cat([x, y], dim=-1)
+        c = torch.add(x, other=y, alpha=2.0)
+        return a.sum() + b.sum() + c.sum()
+
+    xs = [torch.randn(3) for _ in range(4)]
+    ys = [torch.randn(3) for _ in range(4)]
+    with db.autobatch() as run:
+        # per-example data made inside the scope: lazy, so f records nodes
+        outs = [f(torch.tensor(x.tolist()), torch.tensor(y.tolist())) for x, y in zip(xs, ys)]
+        cats = [n for n in run.graph.nodes if getattr(n.fn, "__name__", "") == "cat"]
+        adds = [n for n in run.graph.nodes if getattr(n.fn, "__name__", "") == "add"]
+        by_dim = {}
+        for n in cats:
+            by_dim.setdefault(n.kwargs["dim"], []).append(n)
+        assert sorted(by_dim) == [-1, 0] and all(len(v) == 4 for v in by_dim.values())
+        for group in by_dim.values():
+            assert all(n.kwargs is group[0].kwargs for n in group)
+        assert by_dim[0][0].kwargs is not by_dim[-1][0].kwargs
+        assert len(adds) == 4 and len({id(n.kwargs) for n in adds}) == 4   # y is lazy
+        values = [o.value for o in outs]
+    for x, y, v in zip(xs, ys, values):
+        torch.testing.assert_close(v, f(x, y))
