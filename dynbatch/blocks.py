@@ -19,7 +19,7 @@ from torch import nn
 from . import infer, rules, specialize, trace
 from .errors import BlockError, TraceError, where, raw_site
 from .errors import _is_internal_file as _internal_files
-from .graph import Node
+from .graph import CallNode, Node
 from .lazy import LazyTensor
 from .signature import (_SCALARS, BLOCK, CONST, Signature, autograd_mode, layout_of,
                         raise_mixed, signature_key)
@@ -266,8 +266,11 @@ def record_block(fn, args, kwargs):
         args = trace.snapshot(args)
     nodes = run.graph.nodes
     # a node keeps its inputs as a tuple: 24 bytes less than a list (an empty one: 56)
-    node = Node(len(nodes), fn, args, None, info, tuple(inputs), depth + 1, run.example,
-                site, run)
+    if info.fn is fn:       # NOTE [lean nodes]
+        node = Node(len(nodes), args, info, tuple(inputs), depth + 1, run.example, site, run)
+    else:
+        node = CallNode(len(nodes), fn, args, None, info, tuple(inputs), depth + 1,
+                        run.example, site, run)
     nodes.append(node)
     outputs = info.outputs
     structure = info.structure
@@ -294,6 +297,8 @@ def _site_recorder(key, args, info, site):
     process; a run binds its own block, objects, signature and site to it. Returns None
     for a call it cannot take (keywords, lists, a value that is not a plain object)."""
     fn, mode = key[0], key[1]
+    if info.fn is not fn:       # its nodes are CallNodes (NOTE [lean nodes])
+        return None
     namespace = {"_fn": fn, "_mode": mode, "_info": info, "_site": site,
                  "_LT": LazyTensor, "_Node": Node, "_new": object.__new__,
                  "_inference": _is_inference, "_grad": _is_grad_enabled}
@@ -360,8 +365,8 @@ def _site_recorder(key, args, info, site):
                       "    last = i", f"if {n}.depth > depth:", f"    depth = {n}.depth"]
         lines.append("inputs = tuple(inputs)")
     lines += ["nodes = run.graph.nodes",
-              "node = _Node(len(nodes), fn, args, None, _info, inputs, depth + 1, "
-              "run.example, _site, run)",
+              "node = _Node(len(nodes), args, _info, inputs, depth + 1, run.example, _site, "
+              "run)",
               "nodes.append(node)"]
     # lazy outputs made in place: a class call with a Python __init__ costs 60 ns more
     outs = []
@@ -474,9 +479,9 @@ def _trace_body(run, fn, args, kwargs, paths, name) -> "Program":
         original = args[path[0]] if len(path) == 1 else args[path[0]][path[1]]
         with torch._C.DisableTorchFunction():
             dummy = torch.empty(0)
-        ph = trace.constant(sub, dummy, None)  # marks a position; its value is never read
+        # marks a position; its value is never read
+        ph = trace.constant(sub, dummy, None, _ARGUMENT)
         ph.tkey = original.tkey
-        ph.node.fn = _ARGUMENT
         placeholders.append(ph.node)
         if len(path) == 1:
             new_args[path[0]] = ph

@@ -23,7 +23,7 @@ import torch
 
 from . import rules, specialize
 from .errors import ExecuteError, where
-from .graph import Immediate, Node
+from .graph import Immediate
 from .lazy import LazyTensor
 from .schedule import schedule
 from .signature import CONST, autograd_mode
@@ -53,15 +53,13 @@ def execute_pending(run, targets=None) -> None:
         # every node from first_pending on is pending: schedule them in place, numbered
         # from `start`, and let the scheduler drop what no target needs
         offset = start
-        if start == 0:
-            # the whole graph (the commonest case): no copy of it, and the node ids are the
-            # numbers the scheduler counts with (schedule's ``numbers``)
-            pending = nodes
-            numbers = [n.id for n in nodes]
-        else:
-            pending = nodes[start:]
-            numbers = None
-        inputs = [n.inputs for n in pending]
+        # The whole graph (the commonest case) is not copied, and its node ids are the
+        # numbers the scheduler counts with. Numbers, and the agenda's inputs, are read
+        # once, in order: generators, not n-long lists, at the Python peak of the step.
+        pending = nodes if start == 0 else nodes[start:]
+        numbers = (n.id for n in nodes) if start == 0 else None
+        inputs = (n.inputs for n in pending) if run.strategy == "agenda" else \
+            [n.inputs for n in pending]
         if targets is not None:
             wanted = [t.id - start for t in targets if t.batch is None and t.id >= start]
     else:
@@ -480,8 +478,8 @@ def _gather(column, memo, in_order):
                 return _scalar_tensor(values, first.node), None
     # a plain node's input is a Node: its first output. None marks a row of another
     # output than the first row's; a comprehension and a C scan for it, not a loop
-    nodes = [(None if index else x) if type(x) is Node else
-             x.node if x.index == index else None for x in column]
+    nodes = [(x.node if x.index == index else None) if type(x) is LazyTensor else
+             None if index else x for x in column]
     if None in nodes:
         return _gather_mixed(column, in_order)
     if memo is not None and memo[0] == nodes:   # list ==: identity of the same nodes
@@ -496,7 +494,7 @@ def _gather(column, memo, in_order):
 
 def _gather_mixed(column, in_order):
     """Rows of different outputs, e.g. sigmoid(i) and sigmoid(o) of one chunk()."""
-    refs = [(lt, 0) if type(lt) is Node else (lt.node, lt.index) for lt in column]
+    refs = [(lt.node, lt.index) if type(lt) is LazyTensor else (lt, 0) for lt in column]
     fill_immediates([node for node, _ in refs])
     groups = _groups_by_source([(node.batch, index, node.row) for node, index in refs])
     plan, order = _plan_in_order(groups) if in_order else (_plan_groups(groups), None)

@@ -15,7 +15,8 @@ the agenda finds them from the users it finds anyway. Given ``numbers`` (``numbe
 i``, e.g. the graph's own node ids), the batches, deaths and the scheduler's own lists hold
 those int objects: counting afresh makes one of 32 bytes per node above 256, 3.7 MB for a
 per-op minibatch of 256 SST trees, at the point where a training step's Python memory
-peaks.
+peaks. The agenda reads ``inputs`` and ``numbers`` once, in order, so any iterables will do
+(execute passes generators over its nodes); the depth strategy reads ``numbers`` so.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def _needed(inputs: Sequence[Sequence[int]], offset: int, targets: Iterable[int]
 def depth_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
                    depths: Sequence[int], offset: int = 0,
                    targets: Iterable[int] | None = None,
-                   numbers: Sequence[int] | None = None) -> list[Batch]:
+                   numbers: Iterable[int] | None = None) -> list[Batch]:
     """TF Fold: one batch per (depth, signature), shallow depths first. Inputs always sit at
     a smaller depth, so this order is valid without looking at ``inputs``."""
     live = None if targets is None else _needed(inputs, offset, targets)
@@ -67,11 +68,11 @@ def depth_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int
     return [Batch(key[1], tuple(groups[key])) for key in order]
 
 
-def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
+def agenda_schedule(signatures: Sequence[Hashable], inputs: Iterable[Sequence[int]],
                     depths: Sequence[int] | None, offset: int = 0,
                     targets: Iterable[int] | None = None,
                     deaths: list | None = None,
-                    numbers: Sequence[int] | None = None) -> list[Batch]:
+                    numbers: Iterable[int] | None = None) -> list[Batch]:
     """DyNet's agenda, critical path first: among the signatures with ready nodes, run the
     one whose ready nodes include the node with the longest path still ahead of it (its
     height: nodes in a chain of users below it), all its ready nodes at once, then release
@@ -87,6 +88,9 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
     # users[j]: None, the one user's number, or a list of them. Most nodes have one user;
     # an int instead of a one-item list saves 70 bytes a node (a 180,000-node run: 12 MB)
     users: list = [None] * n
+    sources = []            # nodes with no input left to wait for
+    # inputs and numbers are read once, in order: any iterables (execute passes generators,
+    # not n-long lists, at the Python peak of a training step)
     for i, ins in enumerate(inputs) if numbers is None else zip(numbers, inputs):
         count = 0
         for j in ins:
@@ -100,7 +104,10 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
                     users[j] = [us, i]
                 else:
                     us.append(i)
-        waiting[i] = count
+        if count:
+            waiting[i] = count
+        else:
+            sources.append(i)
     # heights (and, with targets, liveness) in one sweep from the last node back
     height = [0] * n
     live = None
@@ -145,8 +152,7 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Sequence[Sequence[in
     # each node's batch, for the deaths (n: not scheduled). A node's height is read only
     # until it is scheduled, so its batch takes the height's place: a list of n fewer.
     batch_of = height
-    released = [i for i in (range(n) if numbers is None else numbers)
-                if waiting[i] == 0 and (live is None or live[i])]
+    released = sources if live is None else [i for i in sources if live[i]]
     batches: list[Batch] = []
     while True:
         for u in released:
@@ -252,7 +258,7 @@ def deaths_of(inputs: Sequence[Sequence[int]], offset: int, batches: Sequence[Ba
 def schedule(strategy: str, signatures: Sequence[Hashable], inputs: Sequence[Sequence[int]],
              depths: Sequence[int], offset: int = 0,
              targets: Iterable[int] | None = None, deaths: list | None = None,
-             numbers: Sequence[int] | None = None) -> list[Batch]:
+             numbers: Iterable[int] | None = None) -> list[Batch]:
     """The batches of the strategy named; ``deaths`` (a list) is filled, whichever the
     strategy, with the nodes whose last reader runs in each batch."""
     if strategy == "agenda":

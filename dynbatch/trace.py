@@ -30,7 +30,7 @@ from .errors import (BlockError, MixedRunError, UnsupportedError, line_of,
 from .errors import _is_internal_file as _internal_files
 from .fusion import match_stacked_sum, stacked_sum
 from sys import _getframe
-from .graph import Graph, Immediate, Node
+from .graph import CallNode, Graph, Immediate, Node
 from .lazy import LazyTensor, map_lazy
 from .signature import BLOCK, CONST, OP, Signature, signature_key
 from .signature import _is_grad_enabled, _is_inference
@@ -291,7 +291,9 @@ def record(fn, args, kwargs):
         return _special(run, fn, args, kwargs)
     out = append_node(run, fn, args, kwargs, info, inputs, depth, plain)
     # only calls keyed by signature_key's fast path, whose key layout _record_as_before knows
-    if calls is not None and (n_args == 1 or type(args[1]) in _FAST_SECOND):
+    # and whose node is a plain Node (NOTE [lean nodes])
+    if calls is not None and (n_args == 1 or type(args[1]) in _FAST_SECOND) and \
+            info.fn is fn:
         calls[offset] = (key, info, run.graph.nodes[-1].site)
     return out
 
@@ -354,8 +356,7 @@ def _record_as_before(run, known, fn, args, n_args):
         if info not in templates:
             templates[info] = tuple(None if type(x) is LazyTensor else x for x in args)
         args = None
-    node = Node(len(nodes), fn, args, None, info, inputs, depth + 1, run.example, known[2],
-                run)
+    node = Node(len(nodes), args, info, inputs, depth + 1, run.example, known[2], run)
     nodes.append(node)
     structure = info.structure
     outputs = info.outputs
@@ -464,8 +465,11 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
     else:       # a file seen for the first time, or a path with more frames: walk up
         site = raw_site(4)
     # kwargs or None: a call with no keywords still brings a fresh empty dict (64 bytes)
-    node = Node(len(nodes), fn, args, kwargs or None, info, inputs, depth + 1, run.example,
-                site, run)
+    if kwargs or fn is not info.fn:     # NOTE [lean nodes]
+        node = CallNode(len(nodes), fn, args, kwargs or None, info, inputs, depth + 1,
+                        run.example, site, run)
+    else:
+        node = Node(len(nodes), args, info, inputs, depth + 1, run.example, site, run)
     nodes.append(node)
     structure = info.structure
     outputs = info.outputs
@@ -476,15 +480,19 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
     return structure([LazyTensor(node, i, t) for i, t in enumerate(outputs)])
 
 
-def constant(run: Run, value: Tensor, site=None) -> LazyTensor:
-    """Per-example data: a source node holding a real tensor; stacked at execution."""
+def constant(run: Run, value: Tensor, site=None, fn=None) -> LazyTensor:
+    """Per-example data: a source node holding a real tensor; stacked at execution. ``fn``
+    marks a node that stands for something else (a block body's argument)."""
     tkey = (value.shape, value.dtype, value.device)
     key = (CONST, value.shape, value.dtype, value.device, value.requires_grad)
     info = _GLOBAL_SIGNATURES.get(key)
     if info is None:
         info = _GLOBAL_SIGNATURES[key] = Signature(CONST, outputs=(tkey,), name="constant")
     nodes = run.graph.nodes
-    node = Node(len(nodes), None, (value,), None, info, (), 0, run.example, site, run)
+    if fn is None:
+        node = Node(len(nodes), (value,), info, (), 0, run.example, site, run)
+    else:
+        node = CallNode(len(nodes), fn, (value,), None, info, (), 0, run.example, site, run)
     nodes.append(node)
     return LazyTensor(node, 0, tkey)
 
@@ -511,8 +519,7 @@ def _scalar_constant(run, value, kwargs):
     if not run.block_trace:
         return LazyTensor(Immediate(value, info, run.example, run), 0, tkey)
     nodes = run.graph.nodes
-    node = Node(len(nodes), _torch_tensor, (value,), None, info, (), 0, run.example,
-                raw_site(2), run)
+    node = Node(len(nodes), (value,), info, (), 0, run.example, raw_site(2), run)
     nodes.append(node)
     return LazyTensor(node, 0, tkey)
 

@@ -3,6 +3,7 @@ block, stats. Every result is compared with plain eager PyTorch run one example 
 """
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
@@ -1321,3 +1322,29 @@ def test_nodes_of_one_signature_share_one_dict_of_plain_keywords():
         values = [o.value for o in outs]
     for x, y, v in zip(xs, ys, values):
         torch.testing.assert_close(v, f(x, y))
+
+
+def test_lean_nodes_take_their_function_from_the_signature():
+    # NOTE [lean nodes]: a node without keywords whose function is its signature's keeps
+    # neither (16 bytes a node); the others are CallNodes and keep both
+    from dynbatch.graph import CallNode, Node
+
+    def f(x):
+        h = torch.tanh(x * 2.0)
+        return torch.cat([h, torch.sigmoid(h)], dim=0).sum()
+
+    xs = [torch.randn(3) for _ in range(3)]
+    with db.autobatch() as run:
+        outs = [f(torch.tensor(x.tolist())) for x in xs]
+        nodes = run.graph.nodes
+        lean = [n for n in nodes if type(n) is Node]
+        called = [n for n in nodes if type(n) is CallNode]
+        assert len(lean) + len(called) == len(nodes)
+        assert {getattr(n.fn, "__name__", None) for n in called} == {"cat"}
+        assert all(n.kwargs == {"dim": 0} for n in called)
+        assert all(n.kwargs is None and n.fn is n.info.fn for n in lean)
+        assert len(lean) >= 4 * 3
+        assert sys.getsizeof(lean[-1]) < sys.getsizeof(called[0])
+        values = [o.value for o in outs]
+    for x, v in zip(xs, values):
+        torch.testing.assert_close(v, f(x))

@@ -400,3 +400,19 @@ def test_given_numbers_the_batches_and_deaths_hold_those_int_objects():
         held = [i for b in batches for i in b.nodes] + [i for d in deaths for i in d]
         assert len(held) == 1200 + 900, strategy
         assert all(id(i) in mine for i in held if i > 256), strategy
+
+
+def test_the_agenda_reads_inputs_and_numbers_once_so_generators_do():
+    # execute passes generators over its nodes, not n-long lists, at the step's Python peak
+    sigs = ["leaf", "leaf", "leaf", "pair", "pair", "top"]
+    inputs = [[], [], [], [0, 1], [1, 2], [3, 4]]
+    depths = [0, 0, 0, 1, 1, 2]
+    for targets in (None, [3]):
+        deaths: list = []
+        expected_deaths: list = []
+        got = agenda_schedule(sigs, (ins for ins in inputs), None, 0, targets, deaths,
+                              (i for i in range(len(sigs))))
+        assert got == agenda_schedule(sigs, inputs, depths, 0, targets, expected_deaths)
+        assert deaths == expected_deaths
+    got = depth_schedule(sigs, inputs, depths, 0, None, (i for i in range(len(sigs))))
+    assert got == depth_schedule(sigs, inputs, depths)
