@@ -1348,3 +1348,35 @@ def test_lean_nodes_take_their_function_from_the_signature():
         values = [o.value for o in outs]
     for x, v in zip(xs, values):
         torch.testing.assert_close(v, f(x))
+
+
+def test_a_block_call_on_one_first_output_keeps_no_arguments():
+    # NOTE [plain blocks]: self.W(x) keeps inputs and its signature's template, not its
+    # argument tuple and lazy tensor; a second output, or two lazy arguments, keep them
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+
+    def f(x):
+        first, second = torch.chunk(torch.tanh(x), 2)
+        return (lin(first) * 2.0).sum() + lin(second).sum() + lin(first + second).sum()
+
+    xs = [torch.randn(8) for _ in range(3)]
+    with db.autobatch() as run:
+        outs = [f(torch.tensor(x.tolist())) for x in xs]
+        calls = [n for n in run.graph.nodes if n.fn is lin]
+        assert len(calls) == 9
+        plain = [n for n in calls if n.args is None]
+        assert len(plain) == 6                    # lin(first) and lin(first + second)
+        assert all(run.templates[n.info] == (None,) for n in plain)
+        assert all(n.args is not None and n.args[0].index == 1 for n in calls
+                   if n.args is not None)
+        run.graph.lint()
+        values = [o.value for o in outs]
+    total = torch.stack(values).sum()
+    total.backward()
+    got = [p.grad.clone() for p in lin.parameters()]
+    lin.zero_grad()
+    torch.stack([f(x) for x in xs]).sum().backward()
+    for g, p in zip(got, lin.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    torch.testing.assert_close(total, torch.stack([f(x) for x in xs]).sum())
