@@ -23,7 +23,7 @@ import torch
 
 from . import rules, specialize
 from .errors import ExecuteError, where
-from .graph import Immediate
+from .graph import Immediate, input_index
 from .lazy import LazyTensor
 from .schedule import schedule
 from .signature import CONST, autograd_mode
@@ -241,7 +241,8 @@ def run_batch(nodes, info) -> None:
         columns = []
         for k, path in enumerate(info.paths):
             if len(path) == 1:
-                columns.append(_column(nodes, k, path, graph_nodes))
+                columns.append(_column(nodes, k, path, graph_nodes) if not info.indexed
+                               else _indexed_column(nodes, k, path, graph_nodes))
             elif path[0] == "kw":
                 columns.append([n.kwargs[path[1]] for n in nodes])
             else:
@@ -292,7 +293,9 @@ def gather_columns(columns) -> tuple[list, list | None]:
     alike: dict = {}
     for k, column in enumerate(columns):
         head = column[0]
-        key = (head.tkey, head.index) if type(head) is LazyTensor else \
+        t = type(head)
+        key = (head.tkey, head.index) if t is LazyTensor else \
+            (head[0].info.outputs[head[1]], head[1]) if t is tuple else \
             (head.info.outputs[0], 0)            # a plain node's input: its first output
         alike.setdefault(key, []).append(k)
     values = [None] * len(columns)
@@ -378,14 +381,20 @@ def _plan_in_order(groups):
 
 
 def _from_several_batches(column) -> bool:
-    head = column[0]
-    batch = (head.node if type(head) is LazyTensor else head).batch
+    batch = _source(column[0]).batch
     if batch is None:           # immediates, not filled yet: gathered as values
         return False
     for x in column:
-        if (x.node if type(x) is LazyTensor else x).batch is not batch:
+        if _source(x).batch is not batch:
             return True
     return False
+
+
+def _source(x):
+    """The node a column entry reads: a lazy tensor's, a (node, output) pair's (NOTE
+    [indexed plain nodes]), or the entry itself (a plain node's input)."""
+    t = type(x)
+    return x.node if t is LazyTensor else x[0] if t is tuple else x
 
 
 def _column(nodes, k, path, graph_nodes) -> list:
@@ -394,6 +403,24 @@ def _column(nodes, k, path, graph_nodes) -> list:
     ``inputs[k]``, which ``gather`` reads the same way (NOTE [plain nodes])."""
     i = path[0]
     return [graph_nodes[n.inputs[k]] if n.args is None else n.args[i] for n in nodes]
+
+
+def _indexed_column(nodes, k, path, graph_nodes) -> list:
+    """``_column`` where plain nodes may read a later output of an input (NOTE [indexed
+    plain nodes] in graph.py): such an entry is a (node, output) pair, which the gathers
+    take as they take a lazy tensor of that output."""
+    i = path[0]
+    shift = 4 * k
+    column = []
+    for n in nodes:
+        if n.args is not None:
+            column.append(n.args[i])
+            continue
+        source = graph_nodes[n.inputs[k]]
+        row = n.row
+        index = (row >> shift) & 15 if row > 0 else 0
+        column.append((source, index) if index else source)
+    return column
 
 
 def _store(nodes, out) -> None:
@@ -476,10 +503,15 @@ def _gather(column, memo, in_order):
             values = _immediate_values(column)
             if values is not None:        # word ids, labels: one tensor, no bookkeeping
                 return _scalar_tensor(values, first.node), None
-    # a plain node's input is a Node: its first output. None marks a row of another
-    # output than the first row's; a comprehension and a C scan for it, not a loop
-    nodes = [(x.node if x.index == index else None) if type(x) is LazyTensor else
-             None if index else x for x in column]
+    # a plain node's input is a Node: its first output; a (node, output) pair another
+    # output (NOTE [indexed plain nodes]). None marks a row of another output than the
+    # first row's; a comprehension and a C scan for it, not a loop
+    if type(first) is tuple:
+        index = first[1]
+        nodes = [x[0] if type(x) is tuple and x[1] == index else None for x in column]
+    else:
+        nodes = [(x.node if x.index == index else None) if type(x) is LazyTensor else
+                 None if index or type(x) is tuple else x for x in column]
     if None in nodes:
         return _gather_mixed(column, in_order)
     if memo is not None and memo[0] == nodes:   # list ==: identity of the same nodes
@@ -494,7 +526,8 @@ def _gather(column, memo, in_order):
 
 def _gather_mixed(column, in_order):
     """Rows of different outputs, e.g. sigmoid(i) and sigmoid(o) of one chunk()."""
-    refs = [(lt.node, lt.index) if type(lt) is LazyTensor else (lt, 0) for lt in column]
+    refs = [(lt.node, lt.index) if type(lt) is LazyTensor else lt if type(lt) is tuple
+            else (lt, 0) for lt in column]
     fill_immediates([node for node, _ in refs])
     groups = _groups_by_source([(node.batch, index, node.row) for node, index in refs])
     plan, order = _plan_in_order(groups) if in_order else (_plan_groups(groups), None)
@@ -650,7 +683,8 @@ def node_args(node) -> tuple:
     nodes = owner.graph.nodes
     for k, (i,) in enumerate(node.info.paths):
         source = nodes[node.inputs[k]]
-        args[i] = LazyTensor(source, 0, source.info.outputs[0])
+        index = input_index(node, k)
+        args[i] = LazyTensor(source, index, source.info.outputs[index])
     return tuple(args)
 
 

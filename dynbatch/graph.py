@@ -23,6 +23,13 @@ class Node:
     batch; row i belongs to the i-th node of that batch); ``execute.FREED`` once nothing
     can read them any more (NOTE [freeing] in execute.py).
 
+    NOTE [indexed plain nodes]: a plain node (NOTE [plain nodes] in trace.py) may read a
+    later output of an input (``sigmoid(f)`` where ``i, f, o, u = gates.chunk(4)``): until
+    it runs, its ``row`` holds the output index each input is read at, 4 bits each (the
+    k-th input's at bits 4k..4k+3; -1 or 0: all first outputs), and its signature is
+    marked ``indexed``. It keeps no argument tuple and no lazy tensor: per-op SST, B=256,
+    30,500 such nodes, 112 bytes each. ``input_index`` reads it.
+
     NOTE [lean nodes]: a node's function is its signature's and it has no keywords, but
     for the few that are a ``CallNode``: 112 bytes a node instead of 128, 2.3 MB of a
     per-op minibatch of 256 SST trees (144,000 nodes).
@@ -57,6 +64,13 @@ class Node:
         name = name or type(self.fn).__name__
         ins = ", ".join(f"%{i}" for i in self.inputs)
         return f"%{self.id} = {name}({ins})  # examples[{self.example}] depth {self.depth}"
+
+
+def input_index(node, k: int) -> int:
+    """The output of its k-th input a pending plain node reads (NOTE [indexed plain
+    nodes])."""
+    row = node.row
+    return (row >> (4 * k)) & 15 if row > 0 else 0
 
 
 class CallNode(Node):

@@ -269,13 +269,18 @@ del _name, _fn
 def map_lazy(args, kwargs, f, shared=None):
     """(args, kwargs) with every lazy tensor, also inside lists and tuples, replaced by
     ``f(lazy)``, and every real tensor by ``shared(tensor)`` when given."""
-    def conv(a):
-        t = type(a)
-        if t is LazyTensor:
-            return f(a)
-        if t is list or t is tuple:
-            return t(conv(x) for x in a)
-        if shared is not None and isinstance(a, Tensor):
-            return shared(a)
-        return a
-    return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
+    return (tuple(_map_one(a, f, shared) for a in args),
+            {k: _map_one(v, f, shared) for k, v in kwargs.items()})
+
+
+def _map_one(a, f, shared):
+    # a module-level function, not a closure that calls itself: such a closure is a
+    # reference cycle, left for the garbage collector (off while a run traces) to free
+    t = type(a)
+    if t is LazyTensor:
+        return f(a)
+    if t is list or t is tuple:
+        return t(_map_one(x, f, shared) for x in a)
+    if shared is not None and isinstance(a, Tensor):
+        return shared(a)
+    return a

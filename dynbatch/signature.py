@@ -54,7 +54,7 @@ class Signature:
     """
 
     __slots__ = ("kind", "fn", "rule", "outputs", "structure", "paths", "per_example",
-                 "grad", "name", "direct", "__weakref__")
+                 "grad", "name", "direct", "indexed", "__weakref__")
 
     def __init__(self, kind, fn=None, rule=None, outputs=(), structure=None, paths=(),
                  per_example=(), grad=1, name=""):
@@ -68,6 +68,8 @@ class Signature:
         self.grad = grad                # autograd_mode() the nodes were recorded in
         self.name = name
         self.direct = None              # specialize.specialize's (fn, edits), when it applies
+        self.indexed = False            # some plain node reads a later output (NOTE [indexed
+                                        # plain nodes] in graph.py)
 
     def __repr__(self) -> str:
         shapes = ", ".join(str(tuple(t[0])) for t in self.outputs)
@@ -113,8 +115,9 @@ def raise_mixed(owner):
 def signature_key(fn, args, kwargs, owner):
     """(key, input node ids, max input depth, plain) of one call. ``owner`` is the
     recording run. ``plain``: the call's lazy inputs are exactly its first one or two
-    arguments, each the first output of a graph node, so ``inputs`` alone say where the
-    values come from (NOTE [plain nodes] in trace.py)."""
+    arguments, each an output of a graph node, so ``inputs`` (with the output indices,
+    NOTE [indexed plain nodes] in graph.py) say where the values come from (NOTE [plain
+    nodes] in trace.py)."""
     mode = 2 if _is_inference() else 1 if _is_grad_enabled() else 0
     if not kwargs and 0 < len(args) <= 2:
         # Fast path for the commonest calls (unary ops; binary ops on two lazy tensors or a
@@ -127,7 +130,7 @@ def signature_key(fn, args, kwargs, owner):
                 # smaller than a list
                 ia = na.id
                 if len(args) == 1:
-                    return (fn, mode, a.tkey), (ia,), na.depth, ia >= 0 and not a.index
+                    return (fn, mode, a.tkey), (ia,), na.depth, ia >= 0 and a.index < 16
                 b = args[1]
                 tb = type(b)
                 if tb is LazyTensor:
@@ -136,10 +139,10 @@ def signature_key(fn, args, kwargs, owner):
                         ib = nb.id
                         depth = na.depth if na.depth > nb.depth else nb.depth
                         return (fn, mode, a.tkey, b.tkey), (ia, ib), depth, \
-                            ia >= 0 and ib >= 0 and not a.index and not b.index
+                            ia >= 0 and ib >= 0 and a.index < 16 and b.index < 16
                 elif tb is float or tb is int:
                     return (fn, mode, a.tkey, tb, b), (ia,), na.depth, \
-                        ia >= 0 and not a.index
+                        ia >= 0 and a.index < 16
     key = [fn, mode]
     inputs = []
     depth = -1

@@ -328,7 +328,8 @@ def _record_as_before(run, known, fn, args, n_args):
             return None
         inputs = (ia,)
         depth = na.depth
-        plain = ia >= 0 and not a.index
+        indices = a.index
+        plain = ia >= 0 and indices < 16
     else:
         b = args[1]
         if type(b) is LazyTensor:
@@ -340,13 +341,15 @@ def _record_as_before(run, known, fn, args, n_args):
             ib = nb.id
             inputs = (ia, ib)
             depth = na.depth if na.depth > nb.depth else nb.depth
-            plain = ia >= 0 and ib >= 0 and not a.index and not b.index
+            indices = a.index | b.index << 4
+            plain = ia >= 0 and ib >= 0 and a.index < 16 and b.index < 16
         else:
             if len(key) != 5 or type(b) is not key[3] or b != key[4]:
                 return None
             inputs = (ia,)
             depth = na.depth
-            plain = ia >= 0 and not a.index
+            indices = a.index
+            plain = ia >= 0 and indices < 16
     info = known[1]
     nodes = run.graph.nodes
     # append_node's work, inline: calling it instead made per-op tracing 2.7% slower
@@ -357,6 +360,9 @@ def _record_as_before(run, known, fn, args, n_args):
             templates[info] = tuple(None if type(x) is LazyTensor else x for x in args)
         args = None
     node = Node(len(nodes), args, info, inputs, depth + 1, run.example, known[2], run)
+    if plain and indices:       # NOTE [indexed plain nodes]
+        node.row = indices
+        info.indexed = True
     nodes.append(node)
     structure = info.structure
     outputs = info.outputs
@@ -430,7 +436,11 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
     363 (``benchmarks/time_split.py --profile --task ast --impl dynbatch-agenda --batch
     256``)."""
     nodes = run.graph.nodes
+    indices = 0
     if plain and not run.block_trace:
+        indices = args[0].index         # NOTE [indexed plain nodes]
+        if len(args) == 2 and type(args[1]) is LazyTensor:
+            indices |= args[1].index << 4
         templates = run.templates
         if info not in templates:
             # lazy tensors blanked: they would keep their nodes' batch outputs alive until
@@ -470,6 +480,9 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
                         run.example, site, run)
     else:
         node = Node(len(nodes), args, info, inputs, depth + 1, run.example, site, run)
+    if indices:
+        node.row = indices
+        info.indexed = True
     nodes.append(node)
     structure = info.structure
     outputs = info.outputs

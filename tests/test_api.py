@@ -1380,3 +1380,46 @@ def test_a_block_call_on_one_first_output_keeps_no_arguments():
     for g, p in zip(got, lin.parameters()):
         torch.testing.assert_close(g, p.grad)
     torch.testing.assert_close(total, torch.stack([f(x) for x in xs]).sum())
+
+
+def test_plain_nodes_may_read_later_outputs_of_their_inputs():
+    # NOTE [indexed plain nodes]: sigmoid(f) of `i, f, o = gates.chunk(3)` keeps no
+    # argument tuple and no lazy tensor; its row holds the output it reads, until it runs
+    from dynbatch import execute
+    from dynbatch.graph import input_index
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 6)
+
+    def f(x):
+        i, g, o = lin(x).chunk(3)
+        h = torch.sigmoid(i) * torch.tanh(g) + torch.sigmoid(o) * 2.0
+        return (h * o).sum() + (g * 3.0).sum()    # (h, o): output 0 of one, 2 of another
+
+    xs = [torch.randn(4) for _ in range(3)]
+    with db.autobatch() as run:
+        outs = [f(torch.tensor(x.tolist())) for x in xs]
+        nodes = run.graph.nodes
+        chunks = {n.id for n in nodes if getattr(n.fn, "__name__", "") == "chunk"}
+        readers = [n for n in nodes if any(j in chunks for j in n.inputs)]
+        assert len(readers) == 3 * 5        # sigmoid(i), tanh(g), sigmoid(o), h * o, g * 3
+        assert all(n.args is None for n in readers)
+        indices = sorted({(getattr(n.fn, "__name__", ""), k, input_index(n, k))
+                          for n in readers for k, j in enumerate(n.inputs) if j in chunks})
+        assert ("sigmoid", 0, 0) in indices and ("sigmoid", 0, 2) in indices
+        assert ("tanh", 0, 1) in indices and ("__mul__", 1, 2) in indices
+        sig_o = next(n for n in readers if n.fn.__name__ == "sigmoid" and input_index(n, 0))
+        assert sig_o.info.indexed
+        rebuilt = execute.node_args(sig_o)          # what error recovery runs the node on
+        assert rebuilt[0].index == 2 and rebuilt[0].node.id in chunks
+        run.graph.lint()
+        values = [o.value for o in outs]
+    total = torch.stack(values).sum()
+    total.backward()
+    got = [p.grad.clone() for p in lin.parameters()]
+    lin.zero_grad()
+    expected = torch.stack([f(x) for x in xs]).sum()
+    expected.backward()
+    torch.testing.assert_close(total, expected)
+    for g, p in zip(got, lin.parameters()):
+        torch.testing.assert_close(g, p.grad)

@@ -28,7 +28,8 @@ def live(*types) -> int:
     return sum(1 for o in gc.get_objects() if type(o) in types)
 
 
-ENGINE_TYPES = (graph.Node, graph.Graph, lazy.LazyTensor, trace.Run)
+ENGINE_TYPES = (graph.Node, graph.CallNode, graph.Immediate, graph.Graph, lazy.LazyTensor,
+                trace.Run)
 
 
 class Tiny(nn.Module):
@@ -292,3 +293,28 @@ def test_reading_a_freed_value_is_an_error_not_a_wrong_value():
     from dynbatch import execute
     with pytest.raises(RuntimeError, match="NOTE \\[freeing\\]"):
         execute.FREED[0]
+
+
+def test_a_closed_run_is_freed_by_reference_counting_alone():
+    # At close the run drops its shared immediates, which point back at it: left as a
+    # cycle they wait for the next full collection (the collector is off while a run
+    # traces), and pin the memory the graph leaves through the backward pass.
+    import weakref
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with db.autobatch() as run:
+            ys = [torch.tanh(torch.tensor(float(i)) * 2.0) + torch.tensor(i % 3)
+                  for i in range(5)]
+            labels = [torch.tensor([i % 2]) for i in range(5)]
+            losses = [torch.nn.functional.cross_entropy(torch.stack([y, -y]).unsqueeze(0), t)
+                      for y, t in zip(ys, labels)]
+        ref = weakref.ref(run)
+        del run
+        values = [y.value for y in ys] + [l.value for l in losses]
+        assert len(values) == 10
+        del ys, labels, losses, values
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()
