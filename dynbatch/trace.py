@@ -427,7 +427,8 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
     """Add one node to the run's graph (ops and blocks alike); returns its lazy output(s).
 
     NOTE [plain nodes]: most calls of per-op code are ``f(x)``, ``f(x, y)`` or
-    ``f(x, 2.0)`` on first outputs of earlier nodes (``plain``, from signature_key). Their
+    ``f(x, 2.0)`` on outputs of earlier nodes (``plain``, from signature_key; a later
+    output than the first is read as NOTE [indexed plain nodes] in graph.py says). Their
     ``inputs`` say where every lazy argument comes from, and every other argument is part
     of the signature, so equal for all its nodes: such a node keeps no ``args``. The first
     node of each signature leaves its arguments, lazy tensors blanked, in
