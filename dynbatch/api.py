@@ -240,10 +240,10 @@ def _close(run, counters) -> None:
     run.block_sites = None
     run.op_sites = None
     # The shared immediates point at the run too: a cycle the garbage collector would
-    # free only at its next full pass (the collector is off while a run traces). Some
-    # 6,000 objects for SST per-op at B=256, made all through the trace, would live on
-    # through the backward pass in the memory the graph leaves (Python keeps a 1 MB arena
-    # while one object in it lives).
+    # free only at its next full pass (the collector is off while a run traces). Those
+    # objects (one per distinct word id and label, and their lazy tensors), made all
+    # through the trace, would live on through the backward pass in the memory the graph
+    # leaves (Python keeps a 1 MB arena while one object in it lives).
     run.int_immediates = None
     run.signatures_run = None
     if not run.failed:

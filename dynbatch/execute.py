@@ -142,7 +142,7 @@ def _unheld_count() -> int:
 _UNHELD = _unheld_count()
 
 
-def _release(dying, pending, unheld=_UNHELD) -> None:
+def _release(dying, pending, unheld) -> None:
     """NOTE [freeing]: a node lets go of its batch's outputs (``batch`` becomes FREED)
     once the last pending node that reads it has run and nothing else can read it: no
     lazy tensor of it lives (the user's, a result, a target of this execution), so no node

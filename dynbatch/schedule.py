@@ -13,9 +13,10 @@ the nodes whose last reader is in that batch (none for a node with no reader, or
 left unscheduled), for the executor to let go of values (NOTE [freeing] in execute.py);
 the agenda finds them from the users it finds anyway. Given ``numbers`` (``numbers[i] ==
 i``, e.g. the graph's own node ids), the batches, deaths and the scheduler's own lists hold
-those int objects: counting afresh makes one of 32 bytes per node above 256, 3.7 MB for a
-per-op minibatch of 256 SST trees, at the point where a training step's Python memory
-peaks. The agenda reads ``inputs`` and ``numbers`` once, in order, so any iterables will do
+those int objects: counting afresh makes one of 32 bytes per node above 256, at the point
+where a training step's Python memory peaks. Per-op SST at B=256, that peak went from 56.7
+to 52.9 MB (``python benchmarks/time_split.py --profile --impl dynbatch-agenda --batch 256
+--minibatches 1``, git be8853d and 8fc5c64). The agenda reads ``inputs`` and ``numbers`` once, in order, so any iterables will do
 (execute passes generators over its nodes); the depth strategy reads ``numbers`` so.
 """
 from __future__ import annotations

@@ -362,23 +362,11 @@ def test_each_node_dies_in_the_batch_of_its_last_reader(graph, data):
             if readers and all(i in position for i in readers):
                 expected[max(position[i] for i in readers)].append(j)
         assert [sorted(d) for d in deaths] == expected, strategy
-
-
-@settings(max_examples=50, deadline=None)
-@given(dags(), st.data())
-def test_given_numbers_the_schedule_and_deaths_are_the_same(graph, data):
-    sigs, inputs, depths, offset = graph
-    n = len(sigs)
-    targets = data.draw(st.one_of(st.none(), st.lists(st.integers(0, n - 1), max_size=4))) \
-        if n else None
-    for strategy in STRATEGIES:
-        deaths: list = []
-        expected_deaths: list = []
-        batches = schedule(strategy, sigs, inputs, depths, offset, targets, deaths,
-                           list(range(n)))
-        assert batches == schedule(strategy, sigs, inputs, depths, offset, targets,
-                                   expected_deaths), strategy
-        assert deaths == expected_deaths, strategy
+        # given the numbers to count with (execute passes the node ids), the same
+        numbered: list = []
+        assert schedule(strategy, sigs, inputs, depths, offset, targets, numbered,
+                        list(range(n))) == batches, strategy
+        assert numbered == deaths, strategy
 
 
 def test_given_numbers_the_batches_and_deaths_hold_those_int_objects():
