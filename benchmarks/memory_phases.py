@@ -3,13 +3,16 @@
     python benchmarks/memory_phases.py                       # SST128 per-op, B=256
     python benchmarks/memory_phases.py --impl hand
     python benchmarks/memory_phases.py --impl dynbatch-blocks-agenda --batch 64
+    python benchmarks/memory_phases.py --warm 64 --steps 4     # as bench.py's B=256 figures
 
 scripts/bench.py measures one figure per implementation: the peak resident size (VmHWM)
 of a training step over the process's base. This splits it: the resident size (VmRSS) and
 the high-water mark since the step began, both over the base, when tracing ends (dynbatch:
 the graph is recorded, nothing has run), when execution ends, when the forward returns
 (the run has closed and dropped its graph), after the backward pass and after Adam; for
-three consecutive minibatches, as the first step also pays for what later ones reuse.
+three (``--steps``) consecutive minibatches, as the first step also pays for what later ones
+reuse. bench.py measures its sizes in one process, ascending: ``--warm 64`` first runs
+eight B=64 steps, unmarked, as it does before its B=256 figures.
 Same settings as bench.py's memory workers (1 thread; glibc's mmap threshold fixed, set
 below before torch loads, so that resident memory follows live memory). Linux only.
 """
@@ -37,6 +40,9 @@ def main(argv=None) -> None:
     ap.add_argument("--task", default="sst128", choices=("sst128", "sst300", "ast", "tagger"))
     ap.add_argument("--impl", default="dynbatch-agenda")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3, help="steps marked")
+    ap.add_argument("--warm", type=int, default=0,
+                    help="first run 8 unmarked training steps at this minibatch size")
     ap.add_argument("--limit", type=int, default=1024, help="examples loaded")
     ap.add_argument("--tiny", action="store_true", help="tiny model dimensions (for tests)")
     ap.add_argument("--sst-dir", default=None,
@@ -51,6 +57,9 @@ def main(argv=None) -> None:
                                tiny=args.tiny)
     runner = H.make_runner(task.name, args.impl, T.make_model(task))
     runner.train_step(task.examples[:1])
+    if args.warm:
+        for batch in T.minibatches(task.examples, args.warm, 8):
+            runner.train_step(batch)
     marks = []
 
     def mark(name):
@@ -63,10 +72,11 @@ def main(argv=None) -> None:
         execute_pending(run, targets)
         mark("executed")
     api.execute_pending = phases
-    print(f"{task.name} {args.impl}, training B={args.batch}, 1 thread: MB over the base "
-          f"(resident now / high-water mark since the step began)")
+    warm = f", after 8 steps at B={args.warm}" if args.warm else ""
+    print(f"{task.name} {args.impl}, training B={args.batch}{warm}, 1 thread: MB over the "
+          f"base (resident now / high-water mark since the step began)")
     try:
-        for k, batch in enumerate(T.minibatches(task.examples, args.batch, 3)):
+        for k, batch in enumerate(T.minibatches(task.examples, args.batch, args.steps)):
             gc.collect()
             H.reset_peak_rss()
             marks.clear()

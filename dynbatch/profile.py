@@ -13,7 +13,8 @@ class Stats:
     (constants included); ``fallbacks``: nodes run one example at a time; ``vmap_batches``:
     batches that went through torch.func.vmap; ``rounds``: times the examples were
     suspended at reads of values and resumed; ``signatures``: distinct signatures among
-    the batches run; times in seconds."""
+    the batches run; ``free_lists_s``: emptying the interpreter's free lists at the close of
+    a large run (NOTE [free lists at close] in api.py); times in seconds."""
 
     strategy: str = ""
     examples: int = 0
@@ -24,6 +25,7 @@ class Stats:
     trace_s: float = 0.0
     schedule_s: float = 0.0
     execute_s: float = 0.0
+    free_lists_s: float = 0.0
     signatures: int = 0
     rounds: int = 0
     extra: dict = field(default_factory=dict)
@@ -36,7 +38,8 @@ class Stats:
         return (f"{self.examples} examples, {self.nodes} nodes in {self.batches} batches "
                 f"({self.nodes_per_batch:.1f} per batch; {self.fallbacks} per-example "
                 f"fallbacks, {self.vmap_batches} vmap) trace {self.trace_s * 1e3:.1f} ms, "
-                f"schedule {self.schedule_s * 1e3:.1f} ms, execute {self.execute_s * 1e3:.1f} ms")
+                f"schedule {self.schedule_s * 1e3:.1f} ms, execute {self.execute_s * 1e3:.1f} ms" +
+                (f", free lists {self.free_lists_s * 1e3:.1f} ms" if self.free_lists_s else ""))
 
 
 _last = Stats()

@@ -318,3 +318,52 @@ def test_a_closed_run_is_freed_by_reference_counting_alone():
     finally:
         if enabled:
             gc.enable()
+
+
+@db.batched
+def _doubled_tanh_sum(x):
+    return torch.tanh(x * 2.0).sum()
+
+
+def test_a_large_run_empties_the_free_lists_once_its_graph_is_freed(monkeypatch):
+    # NOTE [free lists at close]: after the graph is freed, not before (its tuples would
+    # refill the lists), a collection with every object frozen, undone at once
+    from dynbatch import api
+    nodes = (graph.Node, graph.CallNode)
+    before = live(*nodes)
+    seen = []
+    freeze, collect = gc.freeze, gc.collect
+
+    def freeze_spy():
+        seen.append(("freeze", sum(1 for o in gc.get_objects() if type(o) in nodes)))
+        freeze()
+
+    def collect_spy(*args):
+        seen.append(("collect", gc.get_freeze_count() > 0))
+        return collect(*args)
+    monkeypatch.setattr(gc, "freeze", freeze_spy)
+    monkeypatch.setattr(gc, "collect", collect_spy)
+    xs = [torch.randn(4) for _ in range(8)]
+    for min_nodes, expected in ((10_000, []), (1, [("freeze", before), ("collect", True)])):
+        monkeypatch.setattr(api, "_FREE_LISTS_MIN_NODES", min_nodes)
+        seen.clear()
+        ys = _doubled_tanh_sum(xs)
+        torch.testing.assert_close(torch.stack(ys), torch.tanh(torch.stack(xs) * 2).sum(1))
+        assert db.stats().nodes >= 8
+        assert seen == expected
+        assert (db.stats().free_lists_s > 0) == bool(expected)
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_process_that_froze_objects_itself_keeps_them_frozen(monkeypatch):
+    from dynbatch import api
+    monkeypatch.setattr(api, "_FREE_LISTS_MIN_NODES", 1)
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        _doubled_tanh_sum([torch.randn(4) for _ in range(4)])
+        assert gc.get_freeze_count() > 0.9 * frozen   # a few frozen objects die meanwhile
+        assert db.stats().free_lists_s == 0
+    finally:
+        gc.unfreeze()
