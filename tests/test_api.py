@@ -984,6 +984,43 @@ def test_stack_and_cat_of_many_members_gather_in_bulk(op, dim, monkeypatch):
     assert calls, "the bulk path was not taken"
 
 
+def test_bulk_list_signatures_are_what_inference_finds_and_stay_in_their_run(monkeypatch):
+    # NOTE [list signatures stay in their run]: a stack or cat of >= 4 lazy tensors of one
+    # shape gets its signature from the members' shape, not from inference; it must be the
+    # one inference makes, and it is not kept across runs
+    from dynbatch import infer, signature
+    from dynbatch.errors import TraceError
+    cases = [(op, n, dim) for op, dims in (("stack", (0, 1, 2, -1, -3)), ("cat", (0, 1, -2)))
+             for n in (4, 7) for dim in dims]
+
+    def signatures(general: bool):
+        if general:     # no shortcut, nothing cached: inference decides every case
+            monkeypatch.setattr(infer, "_list_signature", lambda *a: None)
+            monkeypatch.setattr(infer, "is_cacheable", lambda key: False)
+        with db.autobatch():
+            x = torch.tanh(torch.randn(2, 3))
+            outs = [getattr(torch, op)([x * float(k) for k in range(n)], dim=dim)
+                    for op, n, dim in cases]
+            infos = [o.node.info for o in outs]
+        monkeypatch.undo()
+        return infos, outs
+    fast, fast_outs = signatures(False)
+    general, general_outs = signatures(True)
+    for case, a, b, ya, yb in zip(cases, fast, general, fast_outs, general_outs):
+        assert (a.kind, a.fn, a.rule, a.outputs, a.structure, a.paths, a.per_example,
+                a.grad, a.name, a.direct) == \
+            (b.kind, b.fn, b.rule, b.outputs, b.structure, b.paths, b.per_example, b.grad,
+             b.name, b.direct), case
+        assert a.direct is not None and a.direct[0] in (infer.BULK_STACK, infer.BULK_CAT)
+        assert ya.shape == yb.shape and ya.value.shape == yb.value.shape, case
+        assert all(info is not a for info in signature.GLOBAL_SIGNATURES.values())
+    for op, dim in (("stack", 3), ("stack", -4), ("cat", 2), ("cat", -3)):
+        with pytest.raises(TraceError, match="IndexError|out of range"):
+            with db.autobatch():
+                x = torch.tanh(torch.randn(2, 3))
+                getattr(torch, op)([x * float(k) for k in range(4)], dim=dim)
+
+
 def _binary_trees(n, seed):
     """Random binary trees as nested pairs of leaf values: children at uneven depths, so a
     cell's inputs lie in several earlier batches."""
