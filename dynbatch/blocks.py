@@ -19,7 +19,7 @@ from torch import nn
 from . import infer, rules, specialize, trace
 from .errors import BlockError, TraceError, where, raw_site
 from .errors import _is_internal_file as _internal_files
-from .graph import CallNode, Node
+from .graph import ArgsNode, CallNode, Node
 from .lazy import LazyTensor
 from .signature import (_SCALARS, BLOCK, CONST, Signature, autograd_mode, layout_of,
                         raise_mixed, signature_key)
@@ -271,11 +271,12 @@ def record_block(fn, args, kwargs):
         args = None
     nodes = run.graph.nodes
     # a node keeps its inputs as a tuple: 24 bytes less than a list (an empty one: 56)
-    if info.fn is fn:       # NOTE [lean nodes]
-        node = Node(len(nodes), args, info, tuple(inputs), depth + 1, run.example, site, run)
+    if info.fn is not fn:   # NOTE [lean nodes]
+        node = CallNode(len(nodes), fn, args, None, info, tuple(inputs), depth + 1, site, run)
+    elif args is None:
+        node = Node(len(nodes), info, tuple(inputs), depth + 1, site, run)
     else:
-        node = CallNode(len(nodes), fn, args, None, info, tuple(inputs), depth + 1,
-                        run.example, site, run)
+        node = ArgsNode(len(nodes), args, info, tuple(inputs), depth + 1, site, run)
     nodes.append(node)
     outputs = info.outputs
     structure = info.structure
@@ -326,7 +327,7 @@ def _site_recorder(key, args, info, site):
     if info.fn is not fn:       # its nodes are CallNodes (NOTE [lean nodes])
         return None
     namespace = {"_fn": fn, "_mode": mode, "_info": info, "_site": site,
-                 "_LT": LazyTensor, "_Node": Node, "_new": object.__new__,
+                 "_LT": LazyTensor, "_Node": Node, "_ArgsNode": ArgsNode, "_new": object.__new__,
                  "_inference": _is_inference, "_grad": _is_grad_enabled}
     guards = [f"len(args) != {len(args)}"]
     unpack = []
@@ -404,8 +405,10 @@ def _site_recorder(key, args, info, site):
                       "    last = i", f"if {n}.depth > depth:", f"    depth = {n}.depth"]
         lines.append("inputs = tuple(inputs)")
     lines += ["nodes = run.graph.nodes",
-              "node = _Node(len(nodes), args, _info, inputs, depth + 1, run.example, _site, "
-              "run)",
+              "if args is None:",
+              "    node = _Node(len(nodes), _info, inputs, depth + 1, _site, run)",
+              "else:",
+              "    node = _ArgsNode(len(nodes), args, _info, inputs, depth + 1, _site, run)",
               "nodes.append(node)"]
     # lazy outputs made in place: a class call with a Python __init__ costs 60 ns more
     outs = []

@@ -430,7 +430,8 @@ def _store(nodes, out) -> None:
     for node, row in zip(nodes, _row_numbers(len(nodes))):
         node.batch = out
         node.row = row
-        node.args = None
+        if node.args is not None:   # a plain Node has no slot for them (NOTE [lean nodes])
+            node.args = None
 
 
 _ROW_NUMBERS = list(range(1024))

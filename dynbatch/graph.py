@@ -35,24 +35,33 @@ class Node:
     NOTE [lean nodes]: a node's function is its signature's and it has no keywords, but
     for the few that are a ``CallNode``: 112 bytes a node instead of 128 (sys.getsizeof;
     test_lean_nodes_take_their_function_from_the_signature). Per-op SST at B=256 traced 279
-    bytes a node before, 263 after (the command above, git 0801352 and 7d83710).
+    bytes a node before, 263 after (the command above, git 0801352 and 7d83710). A plain
+    node keeps no argument tuple, so ``Node`` has no slot for one (``args`` reads the
+    class's None; an ``ArgsNode`` keeps them), and no node keeps the index of its example:
+    the run notes the node id at which each example starts or resumes
+    (``Run.example_of``). A Node is then 96 bytes; Python rounds objects to 16 bytes, so
+    one slot fewer would have saved nothing. 85% of per-op SST nodes are plain: traced
+    229 bytes a node before (git a4819b8), 214 after (the command above).
     """
 
-    __slots__ = ("id", "args", "info", "inputs", "depth", "example", "site", "owner",
-                 "batch", "row")
+    __slots__ = ("id", "info", "inputs", "depth", "site", "owner", "batch", "row")
+    args = None         # NOTE [plain nodes]: read from the signature's template
     kwargs = None
 
-    def __init__(self, id, args, info, inputs, depth, example, site, owner):
+    def __init__(self, id, info, inputs, depth, site, owner):
         self.id = id
-        self.args = args
         self.info = info
         self.inputs = inputs
         self.depth = depth
-        self.example = example
         self.site = site
         self.owner = owner
         self.batch = None
         self.row = -1
+
+    @property
+    def example(self) -> int | None:
+        """The index of the example whose code recorded the node (``Run.example_of``)."""
+        return self.owner.example_of(self.id)
 
     @property
     def fn(self):
@@ -76,14 +85,25 @@ def input_index(node, k: int) -> int:
     return (row >> (4 * k)) & 15 if row > 0 else 0
 
 
-class CallNode(Node):
+class ArgsNode(Node):
+    """A node that keeps its arguments (NOTE [lean nodes]): one not plain (NOTE [plain
+    nodes] in trace.py), or a constant's, whose argument is its value."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, id, args, info, inputs, depth, site, owner):
+        Node.__init__(self, id, info, inputs, depth, site, owner)
+        self.args = args
+
+
+class CallNode(ArgsNode):
     """A node whose function is not its signature's, or that has keywords (NOTE [lean
     nodes]): a block body's argument placeholder, a call with keywords."""
 
     __slots__ = ("fn", "kwargs")
 
-    def __init__(self, id, fn, args, kwargs, info, inputs, depth, example, site, owner):
-        Node.__init__(self, id, args, info, inputs, depth, example, site, owner)
+    def __init__(self, id, fn, args, kwargs, info, inputs, depth, site, owner):
+        ArgsNode.__init__(self, id, args, info, inputs, depth, site, owner)
         self.fn = fn
         self.kwargs = kwargs
 

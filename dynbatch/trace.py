@@ -16,6 +16,7 @@ made by the traced code here.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import warnings
 
@@ -30,7 +31,7 @@ from .errors import (BlockError, MixedRunError, UnsupportedError, line_of,
 from .errors import _is_internal_file as _internal_files
 from .fusion import match_stacked_sum, stacked_sum
 from sys import _getframe
-from .graph import CallNode, Graph, Immediate, Node
+from .graph import ArgsNode, CallNode, Graph, Immediate, Node
 from .lazy import LazyTensor, map_lazy
 from .signature import BLOCK, CONST, OP, Signature, signature_key
 from .signature import _is_grad_enabled, _is_inference
@@ -83,7 +84,8 @@ _ATTRIBUTE_GETTERS = {getattr(Tensor, name).__get__ for name in (
 class Run:
     """One @batched call or autobatch scope: the graph being recorded and its lifecycle."""
 
-    __slots__ = ("graph", "strategy", "example", "local_signatures", "closed", "failed",
+    __slots__ = ("graph", "strategy", "_example", "example_starts", "example_ids",
+                 "local_signatures", "closed", "failed",
                  "stats", "block_trace", "main", "rounds", "default_device", "wanted", "scope",
                  "inference", "int_scalar", "int_immediates", "signatures_run", "templates",
                  "block_sites", "op_sites", "__weakref__")
@@ -91,7 +93,11 @@ class Run:
     def __init__(self, strategy: str, block_trace: bool = False):
         self.graph = Graph()
         self.strategy = strategy
-        self.example: int | None = None
+        self._example: int | None = None
+        # node ids at which run.example changed, and the example from each on: a node's
+        # example without a slot in every node (NOTE [lean nodes] in graph.py)
+        self.example_starts: list = []
+        self.example_ids: list = []
         self.local_signatures: dict = {}
         self.closed = False
         self.failed = False
@@ -111,6 +117,22 @@ class Run:
         self.templates: dict = {}
         self.block_sites: dict = {}   # id(code) -> (code, {offset: last block call there})
         self.op_sites: dict = {}      # id(code) -> {offset: last op call there} (NOTE [op sites])
+
+    @property
+    def example(self) -> int | None:
+        """The index of the example whose code runs now (None in a scope)."""
+        return self._example
+
+    @example.setter
+    def example(self, index: int | None) -> None:
+        self._example = index
+        self.example_starts.append(len(self.graph.nodes))
+        self.example_ids.append(index)
+
+    def example_of(self, node_id: int) -> int | None:
+        """The example that recorded node ``node_id`` of this run's graph."""
+        k = bisect.bisect_right(self.example_starts, node_id) - 1
+        return self.example_ids[k] if k >= 0 else None
 
 
 def current_run():
@@ -358,11 +380,12 @@ def _record_as_before(run, known, fn, args, n_args):
         templates = run.templates
         if info not in templates:
             templates[info] = tuple(None if type(x) is LazyTensor else x for x in args)
-        args = None
-    node = Node(len(nodes), args, info, inputs, depth + 1, run.example, known[2], run)
-    if plain and indices:       # NOTE [indexed plain nodes]
-        node.row = indices
-        info.indexed = True
+        node = Node(len(nodes), info, inputs, depth + 1, known[2], run)
+        if indices:             # NOTE [indexed plain nodes]
+            node.row = indices
+            info.indexed = True
+    else:
+        node = ArgsNode(len(nodes), args, info, inputs, depth + 1, known[2], run)
     nodes.append(node)
     structure = info.structure
     outputs = info.outputs
@@ -477,10 +500,12 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
         site = raw_site(4)
     # kwargs or None: a call with no keywords still brings a fresh empty dict (64 bytes)
     if kwargs or fn is not info.fn:     # NOTE [lean nodes]
-        node = CallNode(len(nodes), fn, args, kwargs or None, info, inputs, depth + 1,
-                        run.example, site, run)
+        node = CallNode(len(nodes), fn, args, kwargs or None, info, inputs, depth + 1, site,
+                        run)
+    elif args is None:
+        node = Node(len(nodes), info, inputs, depth + 1, site, run)
     else:
-        node = Node(len(nodes), args, info, inputs, depth + 1, run.example, site, run)
+        node = ArgsNode(len(nodes), args, info, inputs, depth + 1, site, run)
     if indices:
         node.row = indices
         info.indexed = True
@@ -504,9 +529,9 @@ def constant(run: Run, value: Tensor, site=None, fn=None) -> LazyTensor:
         info = _GLOBAL_SIGNATURES[key] = Signature(CONST, outputs=(tkey,), name="constant")
     nodes = run.graph.nodes
     if fn is None:
-        node = Node(len(nodes), (value,), info, (), 0, run.example, site, run)
+        node = ArgsNode(len(nodes), (value,), info, (), 0, site, run)
     else:
-        node = CallNode(len(nodes), fn, (value,), None, info, (), 0, run.example, site, run)
+        node = CallNode(len(nodes), fn, (value,), None, info, (), 0, site, run)
     nodes.append(node)
     return LazyTensor(node, 0, tkey)
 
@@ -533,7 +558,7 @@ def _scalar_constant(run, value, kwargs):
     if not run.block_trace:
         return LazyTensor(Immediate(value, info, run.example, run), 0, tkey)
     nodes = run.graph.nodes
-    node = Node(len(nodes), (value,), info, (), 0, run.example, raw_site(2), run)
+    node = ArgsNode(len(nodes), (value,), info, (), 0, raw_site(2), run)
     nodes.append(node)
     return LazyTensor(node, 0, tkey)
 

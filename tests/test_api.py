@@ -1363,8 +1363,9 @@ def test_nodes_of_one_signature_share_one_dict_of_plain_keywords():
 
 def test_lean_nodes_take_their_function_from_the_signature():
     # NOTE [lean nodes]: a node without keywords whose function is its signature's keeps
-    # neither (16 bytes a node); the others are CallNodes and keep both
-    from dynbatch.graph import CallNode, Node
+    # neither (16 bytes a node); the others are CallNodes and keep both. A plain node keeps
+    # no arguments either, nor an example index: a Node is 96 bytes, an ArgsNode 112
+    from dynbatch.graph import ArgsNode, CallNode, Node
 
     def f(x):
         h = torch.tanh(x * 2.0)
@@ -1374,14 +1375,16 @@ def test_lean_nodes_take_their_function_from_the_signature():
     with db.autobatch() as run:
         outs = [f(torch.tensor(x.tolist())) for x in xs]
         nodes = run.graph.nodes
-        lean = [n for n in nodes if type(n) is Node]
+        plain = [n for n in nodes if type(n) is Node]
+        kept = [n for n in nodes if type(n) is ArgsNode]
         called = [n for n in nodes if type(n) is CallNode]
-        assert len(lean) + len(called) == len(nodes)
+        assert len(plain) + len(kept) + len(called) == len(nodes)
         assert {getattr(n.fn, "__name__", None) for n in called} == {"cat"}
         assert all(n.kwargs == {"dim": 0} for n in called)
-        assert all(n.kwargs is None and n.fn is n.info.fn for n in lean)
-        assert len(lean) >= 4 * 3
-        assert sys.getsizeof(lean[-1]) < sys.getsizeof(called[0])
+        assert all(n.kwargs is None and n.fn is n.info.fn for n in plain + kept)
+        assert all(n.args is None for n in plain) and all(n.args for n in kept)
+        assert len(plain) >= 4 * 3 and kept
+        assert sys.getsizeof(plain[-1]) < sys.getsizeof(kept[0]) < sys.getsizeof(called[0])
         values = [o.value for o in outs]
     for x, v in zip(xs, values):
         torch.testing.assert_close(v, f(x))

@@ -157,6 +157,22 @@ def test_execution_error_in_plain_nodes_names_example_and_line(strategy):
     assert torch.allclose(out[1], factor(3 * good))
 
 
+def lookup_after_a_read(i):
+    if torch.tanh(torch.tensor(float(i))).item() > -2:   # every example stops here once
+        return TABLE[torch.tensor(i)] * 2  # <-index-after-read
+
+
+@pytest.mark.parametrize("strategy", ["agenda", "depth"])
+def test_an_error_after_a_read_names_the_example_that_recorded_it(strategy):
+    # after a read the examples resume in turn (NOTE [reads]); each node still belongs to
+    # the example that recorded it, though nodes no longer keep the index (Run.example_of)
+    with failing_run(ExecuteError) as info:
+        db.batched(lookup_after_a_read, strategy=strategy)([0, 1, 2, 7, 3])
+    assert_names(str(info.value), 3, "index-after-read")
+    for other in (0, 1, 2, 4):
+        assert f"examples[{other}]" not in str(info.value)
+
+
 @db.block
 def lookup_block(i):
     return TABLE[i] * 2

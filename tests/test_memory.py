@@ -28,8 +28,8 @@ def live(*types) -> int:
     return sum(1 for o in gc.get_objects() if type(o) in types)
 
 
-ENGINE_TYPES = (graph.Node, graph.CallNode, graph.Immediate, graph.Graph, lazy.LazyTensor,
-                trace.Run)
+ENGINE_TYPES = (graph.Node, graph.ArgsNode, graph.CallNode, graph.Immediate, graph.Graph,
+                lazy.LazyTensor, trace.Run)
 
 
 class Tiny(nn.Module):
@@ -329,7 +329,7 @@ def test_a_large_run_empties_the_free_lists_once_its_graph_is_freed(monkeypatch)
     # NOTE [free lists at close]: after the graph is freed, not before (its tuples would
     # refill the lists), a collection with every object frozen, undone at once
     from dynbatch import api
-    nodes = (graph.Node, graph.CallNode)
+    nodes = (graph.Node, graph.ArgsNode, graph.CallNode)
     before = live(*nodes)
     seen = []
     freeze, collect = gc.freeze, gc.collect
