@@ -4,8 +4,9 @@ Invariants of a Graph: nodes are in recording order, which is a topological orde
 inputs were recorded before it); ``node.id`` is its position; ``node.depth`` is one more than
 the largest depth among its inputs (0 for constants), an immediate among its arguments
 counting as depth 0 even where ``inputs`` leaves it out (NOTE [block edges] in blocks.py);
-every node belongs to one example (or to none in the autobatch scope). Nodes point to their
-inputs only, never to their users, so a finished run is freed by reference counting alone.
+every node belongs to one example (or to none in the autobatch scope), which its run knows
+(``Run.example_of``; NOTE [lean nodes]). Nodes point to their inputs only, never to their
+users, so a finished run is freed by reference counting alone.
 """
 from __future__ import annotations
 
