@@ -19,7 +19,7 @@ from torch import nn
 from . import infer, rules, specialize, trace
 from .errors import BlockError, TraceError, where, raw_site
 from .errors import _is_internal_file as _internal_files
-from .graph import ArgsNode, CallNode, Node
+from .graph import ArgsNode, CallNode, Node, input_ids, packed
 from .lazy import LazyTensor
 from .signature import (_SCALARS, BLOCK, CONST, Signature, autograd_mode, layout_of,
                         raise_mixed, signature_key)
@@ -270,13 +270,13 @@ def record_block(fn, args, kwargs):
             templates[info] = tuple(None if type(a) is LazyTensor else a for a in args)
         args = None
     nodes = run.graph.nodes
-    # a node keeps its inputs as a tuple: 24 bytes less than a list (an empty one: 56)
-    if info.fn is not fn:   # NOTE [lean nodes]
-        node = CallNode(len(nodes), fn, args, None, info, tuple(inputs), depth + 1, site, run)
+    inputs = packed(inputs)     # NOTE [one input] in graph.py
+    if info.fn is not fn:       # NOTE [lean nodes]
+        node = CallNode(len(nodes), fn, args, None, info, inputs, depth + 1, site, run)
     elif args is None:
-        node = Node(len(nodes), info, tuple(inputs), depth + 1, site, run)
+        node = Node(len(nodes), info, inputs, depth + 1, site, run)
     else:
-        node = ArgsNode(len(nodes), args, info, tuple(inputs), depth + 1, site, run)
+        node = ArgsNode(len(nodes), args, info, inputs, depth + 1, site, run)
     nodes.append(node)
     outputs = info.outputs
     structure = info.structure
@@ -327,7 +327,8 @@ def _site_recorder(key, args, info, site):
     if info.fn is not fn:       # its nodes are CallNodes (NOTE [lean nodes])
         return None
     namespace = {"_fn": fn, "_mode": mode, "_info": info, "_site": site,
-                 "_LT": LazyTensor, "_Node": Node, "_ArgsNode": ArgsNode, "_new": object.__new__,
+                 "_LT": LazyTensor, "_Node": Node, "_ArgsNode": ArgsNode, "_packed": packed,
+                 "_new": object.__new__,
                  "_inference": _is_inference, "_grad": _is_grad_enabled}
     guards = [f"len(args) != {len(args)}"]
     unpack = []
@@ -380,13 +381,13 @@ def _site_recorder(key, args, info, site):
     lines += [f"if {' or '.join(f'{n}.owner is not run' for n in nodes)}:", "    return None",
               "if (2 if _inference() else 1 if _grad() else 0) != _mode:", "    return None"]
     # the inputs and depth as the general loop finds them (NOTE [block edges])
-    # (as a tuple, which a node keeps in 24 bytes less than a list; () is shared)
+    # (one id alone, else a tuple: NOTE [one input] in graph.py; () is shared)
     if len(nodes) == 1 and not unpack:
         # NOTE [plain blocks]: the one lazy argument, a first output, comes from inputs
         namespace["_template"] = tuple(None if type(a) is LazyTensor else a for a in args)
         lines += [f"last = {nodes[0]}.id", f"depth = {nodes[0]}.depth",
                   "if last >= 0:",
-                  "    inputs = (last,)",
+                  "    inputs = last",
                   f"    if not {lazies[0]}.index and not run.block_trace:",
                   "        templates = run.templates",
                   "        if _info not in templates:",
@@ -395,7 +396,7 @@ def _site_recorder(key, args, info, site):
                   "else:",
                   "    inputs = ()"]
     elif len(nodes) == 1:
-        lines += [f"last = {nodes[0]}.id", "inputs = (last,) if last >= 0 else ()",
+        lines += [f"last = {nodes[0]}.id", "inputs = last if last >= 0 else ()",
                   f"depth = {nodes[0]}.depth"]
     else:
         lines += [f"last = {nodes[0]}.id", "inputs = [last] if last >= 0 else []",
@@ -403,7 +404,7 @@ def _site_recorder(key, args, info, site):
         for n in nodes[1:]:
             lines += [f"i = {n}.id", "if i != last and i >= 0:", "    inputs.append(i)",
                       "    last = i", f"if {n}.depth > depth:", f"    depth = {n}.depth"]
-        lines.append("inputs = tuple(inputs)")
+        lines.append("inputs = _packed(inputs)")
     lines += ["nodes = run.graph.nodes",
               "if args is None:",
               "    node = _Node(len(nodes), _info, inputs, depth + 1, _site, run)",
@@ -596,7 +597,7 @@ class Program:
                 namespace[f"s{node.id}"] = value
                 continue
             multi[node.id] = info.structure is not None
-            any_batched = any(batched[i] for i in node.inputs)
+            any_batched = any(batched[i] for i in input_ids(node))
             batched[node.id] = any_batched
             pe = _flags(node.args, batched)
             fn = node.fn

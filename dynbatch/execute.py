@@ -23,7 +23,7 @@ import torch
 
 from . import rules, specialize
 from .errors import ExecuteError, where
-from .graph import Immediate, input_index
+from .graph import Immediate, input_id, input_ids, input_index
 from .lazy import LazyTensor
 from .schedule import schedule
 from .signature import CONST, autograd_mode
@@ -69,7 +69,7 @@ def execute_pending(run, targets=None) -> None:
         offset = 0
         numbers = None
         local = {n.id: k for k, n in enumerate(pending)}
-        inputs = [[local[j] for j in n.inputs if j in local] for n in pending]
+        inputs = [[local[j] for j in input_ids(n) if j in local] for n in pending]
         if targets is not None:
             wanted = [local[t.id] for t in targets if t.id in local]
     if not pending or wanted == []:
@@ -402,7 +402,7 @@ def _column(nodes, k, path, graph_nodes) -> list:
     tensor from the node's args, or for a plain node the first output of node
     ``inputs[k]``, which ``gather`` reads the same way (NOTE [plain nodes])."""
     i = path[0]
-    return [graph_nodes[n.inputs[k]] if n.args is None else n.args[i] for n in nodes]
+    return [graph_nodes[input_id(n, k)] if n.args is None else n.args[i] for n in nodes]
 
 
 def _indexed_column(nodes, k, path, graph_nodes) -> list:
@@ -416,7 +416,7 @@ def _indexed_column(nodes, k, path, graph_nodes) -> list:
         if n.args is not None:
             column.append(n.args[i])
             continue
-        source = graph_nodes[n.inputs[k]]
+        source = graph_nodes[input_id(n, k)]
         row = n.row
         index = (row >> shift) & 15 if row > 0 else 0
         column.append((source, index) if index else source)
@@ -683,7 +683,7 @@ def node_args(node) -> tuple:
     args = list(owner.templates[node.info])
     nodes = owner.graph.nodes
     for k, (i,) in enumerate(node.info.paths):
-        source = nodes[node.inputs[k]]
+        source = nodes[input_id(node, k)]
         index = input_index(node, k)
         args[i] = LazyTensor(source, index, source.info.outputs[index])
     return tuple(args)

@@ -17,7 +17,8 @@ class Node:
     """One recorded call. ``fn(*args, **kwargs)`` with lazy tensors among the args;
     ``inputs`` are the ids of the nodes those lazy tensors come from (-1 for an immediate),
     one entry per lazy argument, except that a block node lists a repeated node once and
-    no immediates (NOTE [block edges]).
+    no immediates (NOTE [block edges]); a tuple, or the id itself where there is one
+    (NOTE [one input]; ``input_ids`` and ``input_id`` read either).
 
     After execution ``batch`` holds the tuple of batched outputs of the call that computed
     it and ``row`` its row in them (NOTE [batch dim]: dim 0 of every batched tensor is the
@@ -43,6 +44,14 @@ class Node:
     (``Run.example_of``). A Node is then 96 bytes; Python rounds objects to 16 bytes, so
     one slot fewer would have saved nothing. 85% of per-op SST nodes are plain: traced
     229 bytes a node before (git a4819b8), 214 after (the command above).
+
+    NOTE [one input]: most nodes read one input (``tanh(x)``, ``self.W(x)``, ``x * 2.0``),
+    and a one-item tuple of its id costs 48 bytes more than the id alone. So ``inputs``
+    is the id itself for those, a tuple otherwise (``packed`` makes either from a list);
+    readers go through ``input_ids`` and ``input_id``, and the scheduler takes either per
+    node. Per-op SST at B=256: 214 bytes a node traced before, 187 after (the command
+    above; python benchmarks/memory_phases.py: traced +20.8 -> +17.0 MB, the step's peak
+    +75.2 -> +72.2).
     """
 
     __slots__ = ("id", "info", "inputs", "depth", "site", "owner", "batch", "row")
@@ -75,8 +84,25 @@ class Node:
     def __repr__(self) -> str:
         name = getattr(self.fn, "__qualname__", None) or getattr(self.fn, "__name__", None)
         name = name or type(self.fn).__name__
-        ins = ", ".join(f"%{i}" for i in self.inputs)
+        ins = ", ".join(f"%{i}" for i in input_ids(self))
         return f"%{self.id} = {name}({ins})  # examples[{self.example}] depth {self.depth}"
+
+
+def packed(ids) -> int | tuple:
+    """A node's ``inputs`` from a sequence of input ids (NOTE [one input])."""
+    return ids[0] if len(ids) == 1 else tuple(ids)
+
+
+def input_ids(node) -> tuple:
+    """The ids of a node's inputs as a tuple (NOTE [one input])."""
+    ins = node.inputs
+    return (ins,) if type(ins) is int else ins
+
+
+def input_id(node, k: int) -> int:
+    """The id of a node's k-th input (NOTE [one input])."""
+    ins = node.inputs
+    return ins if type(ins) is int else ins[k]
 
 
 def input_index(node, k: int) -> int:
@@ -177,7 +203,7 @@ class Graph:
         for pos, node in enumerate(self.nodes):
             assert node.id == pos, f"{node!r}: id {node.id} at position {pos}"
             depth = 0
-            for i in node.inputs:
+            for i in input_ids(node):
                 if i < 0:       # an immediate (NOTE [immediates]): depth 0, no node
                     depth = max(depth, 1)
                     continue

@@ -2,21 +2,22 @@
 
 Input, for n nodes numbered 0..n-1 in a topological order: ``signatures[i]`` (any hashable;
 nodes with equal signatures may run as one call), ``inputs[i]`` (the numbers of the nodes i
-reads, plus ``offset``; duplicates allowed; numbers below ``offset`` name nodes that already
-ran and are ignored) and ``depths[i]`` (longest path from a source; read by the depth
-strategy only, so None will do for the agenda). With ``targets`` (node
-numbers, without the offset), only the targets and what they need are scheduled (NOTE [dead
-code] in execute.py); otherwise every node. Output: a list of ``Batch``; every scheduled node
-appears in exactly one, each batch holds one signature, and every input of a node lies in
-an earlier batch. Given ``deaths`` (a list), ``schedule`` also leaves in it, for each batch,
-the nodes whose last reader is in that batch (none for a node with no reader, or with one
-left unscheduled), for the executor to let go of values (NOTE [freeing] in execute.py);
-the agenda finds them from the users it finds anyway. Given ``numbers`` (``numbers[i] ==
-i``, e.g. the graph's own node ids), the batches, deaths and the scheduler's own lists hold
-those int objects: counting afresh makes one of 32 bytes per node above 256, at the point
-where a training step's Python memory peaks. Per-op SST at B=256, that peak went from 56.7
-to 52.9 MB (``python benchmarks/time_split.py --profile --impl dynbatch-agenda --batch 256
---minibatches 1``, git be8853d and 8fc5c64). The agenda reads ``inputs`` and ``numbers`` once, in order, so any iterables will do
+reads, plus ``offset``, or one such number alone (NOTE [one input] in graph.py); duplicates
+allowed; numbers below ``offset`` name nodes that already ran and are ignored) and
+``depths[i]`` (longest path from a source; read by the depth strategy only, so None will do
+for the agenda). With ``targets`` (node numbers, without the offset), only the targets and
+what they need are scheduled (NOTE [dead code] in execute.py); otherwise every node. Output:
+a list of ``Batch``; every scheduled node appears in exactly one, each batch holds one
+signature, and every input of a node lies in an earlier batch. Given ``deaths`` (a list),
+``schedule`` also leaves in it, for each batch, the nodes whose last reader is in that batch
+(none for a node with no reader, or with one left unscheduled), for the executor to let go
+of values (NOTE [freeing] in execute.py); the agenda finds them from the users it finds
+anyway. Given ``numbers`` (``numbers[i] == i``, e.g. the graph's own node ids), the batches,
+deaths and the scheduler's own lists hold those int objects: counting afresh makes one of 32
+bytes per node above 256, at the point where a training step's Python memory peaks. Per-op
+SST at B=256, that peak went from 56.7 to 52.9 MB (``python benchmarks/time_split.py
+--profile --impl dynbatch-agenda --batch 256 --minibatches 1``, git be8853d and 8fc5c64).
+The agenda reads ``inputs`` and ``numbers`` once, in order, so any iterables will do
 (execute passes generators over its nodes); the depth strategy reads ``numbers`` so.
 """
 from __future__ import annotations
@@ -40,7 +41,8 @@ def _needed(inputs: Sequence[Sequence[int]], offset: int, targets: Iterable[int]
         live[t] = 1
     for i in range(len(inputs) - 1, -1, -1):
         if live[i]:
-            for j in inputs[i]:
+            ins = inputs[i]
+            for j in (ins,) if type(ins) is int else ins:
                 j -= offset
                 if j >= 0:
                     live[j] = 1
@@ -95,7 +97,7 @@ def agenda_schedule(signatures: Sequence[Hashable], inputs: Iterable[Sequence[in
     # not n-long lists, at the Python peak of a training step)
     for i, ins in enumerate(inputs) if numbers is None else zip(numbers, inputs):
         count = 0
-        for j in ins:
+        for j in (ins,) if type(ins) is int else ins:
             j -= offset
             if j >= 0:
                 count += 1
@@ -245,7 +247,7 @@ def deaths_of(inputs: Sequence[Sequence[int]], offset: int, batches: Sequence[Ba
     last = [-1] * n
     for i, ins in enumerate(inputs):
         b = batch_of[i]
-        for j in ins:
+        for j in (ins,) if type(ins) is int else ins:
             j -= offset
             if j >= 0 and b > last[j]:
                 last[j] = b

@@ -31,7 +31,7 @@ from .errors import (BlockError, MixedRunError, UnsupportedError, line_of,
 from .errors import _is_internal_file as _internal_files
 from .fusion import match_stacked_sum, stacked_sum
 from sys import _getframe
-from .graph import ArgsNode, CallNode, Graph, Immediate, Node
+from .graph import ArgsNode, CallNode, Graph, Immediate, Node, packed
 from .lazy import LazyTensor, map_lazy
 from .signature import BLOCK, CONST, OP, Signature, signature_key
 from .signature import _is_grad_enabled, _is_inference
@@ -348,7 +348,7 @@ def _record_as_before(run, known, fn, args, n_args):
     if n_args == 1:
         if len(key) != 3:
             return None
-        inputs = (ia,)
+        inputs = ia             # NOTE [one input] in graph.py
         depth = na.depth
         indices = a.index
         plain = ia >= 0 and indices < 16
@@ -368,7 +368,7 @@ def _record_as_before(run, known, fn, args, n_args):
         else:
             if len(key) != 5 or type(b) is not key[3] or b != key[4]:
                 return None
-            inputs = (ia,)
+            inputs = ia
             depth = na.depth
             indices = a.index
             plain = ia >= 0 and indices < 16
@@ -412,7 +412,7 @@ def _append_stacked_sum(run, stack, args, info, inputs, depth):
         total = out.node
         stack.id, total.id = total.id, stack.id
         nodes[stack.id], nodes[total.id] = stack, total
-        stack.inputs = (total.id,)
+        stack.inputs = total.id
         stack.depth = total.depth + 1
     return out
 
@@ -498,6 +498,8 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
             site = remember_site(where_key, code)
     else:       # a file seen for the first time, or a path with more frames: walk up
         site = raw_site(4)
+    if type(inputs) is not int:
+        inputs = packed(inputs)         # NOTE [one input] in graph.py
     # kwargs or None: a call with no keywords still brings a fresh empty dict (64 bytes)
     if kwargs or fn is not info.fn:     # NOTE [lean nodes]
         node = CallNode(len(nodes), fn, args, kwargs or None, info, inputs, depth + 1, site,

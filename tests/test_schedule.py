@@ -367,6 +367,12 @@ def test_each_node_dies_in_the_batch_of_its_last_reader(graph, data):
         assert schedule(strategy, sigs, inputs, depths, offset, targets, numbered,
                         list(range(n))) == batches, strategy
         assert numbered == deaths, strategy
+        # a node's one input may be given as the number alone (NOTE [one input] in
+        # graph.py): the same schedule and deaths
+        packed = [ins[0] if len(ins) == 1 else tuple(ins) for ins in inputs]
+        single: list = []
+        assert schedule(strategy, sigs, packed, depths, offset, targets, single) == batches
+        assert single == deaths, strategy
 
 
 def test_given_numbers_the_batches_and_deaths_hold_those_int_objects():
