@@ -90,7 +90,7 @@ def main(argv=None) -> None:
                     backward[name].append(t2 - t1)
                     if name != "hand":
                         s = db.stats()
-                        split.append((s.trace_s, s.schedule_s, s.execute_s))
+                        split.append((s.trace_s, s.schedule_s, s.execute_s, s.free_lists_s))
                         for sig, (g, total) in current.items():
                             best = per_signature[sig]
                             best[0], best[1] = min(best[0], g), min(best[1], total)
@@ -104,9 +104,12 @@ def main(argv=None) -> None:
         print(f"  {name:26s} forward {min(forward[name]) * ms:7.1f}   "
               f"backward {min(backward[name]) * ms:7.1f}")
     trace_s, schedule_s, execute_s = (min(x[i] for x in split) for i in range(3))
+    free_lists = sorted(x[3] for x in split)
     last = db.stats()
     print(f"  {args.impl} forward: trace {trace_s * ms:.1f}, schedule {schedule_s * ms:.1f}, "
-          f"execute {execute_s * ms:.1f} ({last.nodes} nodes in {last.batches} batches)")
+          f"execute {execute_s * ms:.1f} ({last.nodes} nodes in {last.batches} batches); "
+          f"emptying the free lists at close (NOTE [free lists at close]) "
+          f"{free_lists[0] * ms:.1f}-{free_lists[-1] * ms:.1f}")
     print("  execute by signature, gathering the inputs / the whole batch (timing each call "
           "adds a little)")
     for sig, (g, total) in sorted(per_signature.items(), key=lambda kv: -kv[1][1]):

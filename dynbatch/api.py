@@ -262,16 +262,16 @@ def _close(run, counters) -> None:
 # thousand objects are spread over the run's arenas and keep most of them resident through
 # the backward pass, whose gradients then set the step's peak on top. A collection of the
 # oldest generation empties the free lists (the gc module documents it); with every object
-# frozen first it has nothing to scan, and costs under a millisecond (``Stats.free_lists_s``,
-# 0.8 ms at SST B=256) instead of a pass over every object of the process (150 ms in the
-# benchmark's). So a large run, once its graph is freed, freezes, collects and unfreezes.
-# SST per-op, B=256 after eight B=64 steps, MB over the base (python
-# benchmarks/memory_phases.py --warm 64 --steps 4): resident when the forward returns
-# +56.2 -> +46.1; the step's peak +67.3 -> +61.0, now the forward's own; the next three
-# steps' peaks +55.5..56.7 -> +50.2..51.0. Unfreezing puts every object in the oldest
-# generation, so cycles made just before the run wait for the next full collection. A
-# process that froze objects itself (gc.get_freeze_count()) is left alone: unfreezing
-# would undo that.
+# frozen first it has nothing to scan, and costs under a millisecond
+# (``Stats.free_lists_s``; SST per-op, 0.2-0.3 ms at B=64, 0.5-0.6 at B=256: python
+# benchmarks/time_split.py --batch 256 --minibatches 4 --rounds 3) instead of a pass over
+# every object the process tracks. So a large run, once its graph is freed, freezes,
+# collects and unfreezes. SST per-op, B=256 after eight B=64 steps, MB over the base (python
+# benchmarks/memory_phases.py --warm 64 --steps 4): resident when the forward returns +56.2
+# -> +46.1; the step's peak +67.3 -> +61.0, now the forward's own; the next three steps'
+# peaks +55.5..56.7 -> +50.2..51.0. Unfreezing puts every object in the oldest generation,
+# so cycles made just before the run wait for the next full collection. A process that froze
+# objects itself (gc.get_freeze_count()) is left alone: unfreezing would undo that.
 _FREE_LISTS_MIN_NODES = 16_384     # smaller runs leave too little behind to be worth it
 
 

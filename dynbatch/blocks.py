@@ -19,7 +19,7 @@ from torch import nn
 from . import infer, rules, specialize, trace
 from .errors import BlockError, TraceError, where, raw_site
 from .errors import _is_internal_file as _internal_files
-from .graph import ArgsNode, CallNode, Node, input_ids, packed
+from .graph import ArgsNode, Node, input_ids, make_node, packed
 from .lazy import LazyTensor
 from .signature import (_SCALARS, BLOCK, CONST, Signature, autograd_mode, layout_of,
                         raise_mixed, signature_key)
@@ -270,13 +270,7 @@ def record_block(fn, args, kwargs):
             templates[info] = tuple(None if type(a) is LazyTensor else a for a in args)
         args = None
     nodes = run.graph.nodes
-    inputs = packed(inputs)     # NOTE [one input] in graph.py
-    if info.fn is not fn:       # NOTE [lean nodes]
-        node = CallNode(len(nodes), fn, args, None, info, inputs, depth + 1, site, run)
-    elif args is None:
-        node = Node(len(nodes), info, inputs, depth + 1, site, run)
-    else:
-        node = ArgsNode(len(nodes), args, info, inputs, depth + 1, site, run)
+    node = make_node(len(nodes), fn, args, None, info, inputs, depth + 1, site, run)
     nodes.append(node)
     outputs = info.outputs
     structure = info.structure

@@ -410,15 +410,13 @@ def _indexed_column(nodes, k, path, graph_nodes) -> list:
     plain nodes] in graph.py): such an entry is a (node, output) pair, which the gathers
     take as they take a lazy tensor of that output."""
     i = path[0]
-    shift = 4 * k
     column = []
     for n in nodes:
         if n.args is not None:
             column.append(n.args[i])
             continue
         source = graph_nodes[input_id(n, k)]
-        row = n.row
-        index = (row >> shift) & 15 if row > 0 else 0
+        index = input_index(n, k)
         column.append((source, index) if index else source)
     return column
 

@@ -135,6 +135,18 @@ class CallNode(ArgsNode):
         self.kwargs = kwargs
 
 
+def make_node(id, fn, args, kwargs, info, inputs, depth, site, owner) -> Node:
+    """The leanest node a recorded call can be (NOTE [lean nodes]); ``inputs`` an id or a
+    sequence of them (NOTE [one input])."""
+    if type(inputs) is not int:
+        inputs = packed(inputs)
+    if kwargs or fn is not info.fn:     # kwargs or None: not a fresh empty dict (64 bytes)
+        return CallNode(id, fn, args, kwargs or None, info, inputs, depth, site, owner)
+    if args is None:
+        return Node(id, info, inputs, depth, site, owner)
+    return ArgsNode(id, args, info, inputs, depth, site, owner)
+
+
 class Immediate:
     """A Python scalar made a tensor by ``torch.tensor(word_id)`` in per-example code.
 

@@ -114,37 +114,29 @@ BULK_STACK, BULK_CAT = "bulk-stack", "bulk-cat"
 # ``torch.stack(losses)`` over a tree's nodes has one signature per length of the list, and
 # a minibatch of new trees brings dozens of new lengths. Kept across runs, each would be
 # made while the run traces, in among its nodes in Python's 1 MiB arenas, and would keep
-# those arenas resident after the run, through the backward pass (an arena goes back to
-# the system only when every object in it is freed; NOTE [free lists at close] in api.py).
-# So a stack or cat of four or more lazy tensors of one shape, the case the executor runs
-# in bulk, gets its signature from the members' shape at once, without inferring or
+# those arenas resident after the run, through the backward pass (an arena goes back to the
+# system only when every object in it is freed; NOTE [free lists at close] in api.py). So a
+# stack or cat of four or more lazy tensors of one shape, the case the executor runs in
+# bulk, gets its signature from the members' shape at once, without inferring or
 # specializing (what they would find is this: the output shape, the bulk plan, the rule),
-# and keeps it in its run only: 13 us a new length against 111 us for inference, paid
-# again in each run (a few dozen lengths per SST minibatch). SST per-op B=64, first step
-# after a one-example step, MB over the base (python benchmarks/memory_phases.py --batch
-# 64): resident after the backward +14.9 -> +10.7; the step's peak, in Adam's update,
-# +32.5 -> +28.5 (hand-batched: +22.4).
+# and keeps it in its run only, made again in each run that meets its length (a few dozen
+# lengths per SST minibatch; a test in tests/test_api.py checks it against inference). SST
+# per-op B=64, first step after a one-example step, MB over the base (python
+# benchmarks/memory_phases.py --batch 64): resident after the backward +14.9 -> +10.7; the
+# step's peak, in Adam's update, +32.5 -> +28.5 (hand-batched: +22.4).
 def _list_signature(fn, args, kwargs, grad, name) -> Signature | None:
     """The signature of a bulk stack or cat (``_bulk_list``) from its members' tkey; None
     for any other call, and for a dim out of range, which inference then reports."""
-    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    if type(dim) is not int or not args or type(args[0]) not in (list, tuple) or not args[0]:
-        return None
     paths, flags = layout_of(args, kwargs)
     bulk = _bulk_list(fn, args, kwargs, paths)
     if bulk is None:
         return None
+    kind, d = bulk
     n = len(args[0])
     shape, dtype, device = args[0][0].tkey
-    rank = len(shape)
-    d = bulk[1]
-    if fn is _torch_stack:
-        if not -rank - 1 <= dim <= rank:
-            return None
+    if kind is BULK_STACK:
         out = (*shape[:d], n, *shape[d:])
     else:
-        if not -rank <= dim < rank:
-            return None
         out = (*shape[:d], shape[d] * n, *shape[d + 1:])
     info = Signature(OP, fn, rules.rule_for(fn), ((torch.Size(out), dtype, device),), None,
                      paths, flags, grad, name=name)
@@ -168,11 +160,10 @@ def _bulk_list(fn, args, kwargs, paths):
         return None
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     rank = len(members[0].tkey[0])
-    if fn is _torch_stack:
-        return BULK_STACK, dim % (rank + 1)
-    if rank == 0:
-        return None
-    return BULK_CAT, dim % rank
+    kind, dims = (BULK_STACK, rank + 1) if fn is _torch_stack else (BULK_CAT, rank)
+    if not isinstance(dim, int) or not -dims <= dim < dims:
+        return None             # torch's error, which inference reports
+    return kind, dim % dims
 
 
 _torch_stack, _torch_cat = torch.stack, torch.cat

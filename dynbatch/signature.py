@@ -2,9 +2,10 @@
 
 ``signature_key`` builds, per recorded call, a hashable key from the callable, the
 shape/dtype/device of every lazy input, the identity of every shared tensor, every Python
-constant (with its type, so 1, 1.0 and True differ) and the autograd mode. Equal keys mean one call can compute all those nodes. The key is mapped to
-a ``Signature``, which holds what was inferred once for it: output shapes, the batching
-rule, and where the lazy inputs sit in the arguments. This is the hot path of tracing.
+constant (with its type, so 1, 1.0 and True differ) and the autograd mode. Equal keys
+mean one call can compute all those nodes. The key is mapped to a ``Signature``, which
+holds what was inferred once for it: output shapes, the batching rule, and where the lazy
+inputs sit in the arguments. This is the hot path of tracing.
 """
 from __future__ import annotations
 

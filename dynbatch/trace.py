@@ -31,7 +31,7 @@ from .errors import (BlockError, MixedRunError, UnsupportedError, line_of,
 from .errors import _is_internal_file as _internal_files
 from .fusion import match_stacked_sum, stacked_sum
 from sys import _getframe
-from .graph import ArgsNode, CallNode, Graph, Immediate, Node, packed
+from .graph import ArgsNode, CallNode, Graph, Immediate, Node, make_node
 from .lazy import LazyTensor, map_lazy
 from .signature import BLOCK, CONST, OP, Signature, signature_key
 from .signature import _is_grad_enabled, _is_inference
@@ -498,16 +498,7 @@ def append_node(run, fn, args, kwargs, info, inputs, depth, plain):
             site = remember_site(where_key, code)
     else:       # a file seen for the first time, or a path with more frames: walk up
         site = raw_site(4)
-    if type(inputs) is not int:
-        inputs = packed(inputs)         # NOTE [one input] in graph.py
-    # kwargs or None: a call with no keywords still brings a fresh empty dict (64 bytes)
-    if kwargs or fn is not info.fn:     # NOTE [lean nodes]
-        node = CallNode(len(nodes), fn, args, kwargs or None, info, inputs, depth + 1, site,
-                        run)
-    elif args is None:
-        node = Node(len(nodes), info, inputs, depth + 1, site, run)
-    else:
-        node = ArgsNode(len(nodes), args, info, inputs, depth + 1, site, run)
+    node = make_node(len(nodes), fn, args, kwargs, info, inputs, depth + 1, site, run)
     if indices:
         node.row = indices
         info.indexed = True
