@@ -48,10 +48,11 @@ def main(argv=None) -> None:
     ap.add_argument("--sst-dir", default=None,
                     help="SST directory (default $DYNBATCH_SST_DIR or ../shared/data/sst)")
     args = ap.parse_args(argv)
+    import torch
+
     from benchmarks import harness as H
     from benchmarks import tasks as T
-    import dynbatch.api as api
-    import torch
+    from dynbatch import session
     torch.set_num_threads(1)
     task = T.load_task_or_exit(args.task, limit=args.limit, sst_dir=T.sst_dir(args.sst_dir),
                                tiny=args.tiny)
@@ -65,13 +66,16 @@ def main(argv=None) -> None:
     def mark(name):
         marks.append((name, _status_mb("VmRSS"), _status_mb("VmHWM")))
 
-    execute_pending = api.execute_pending
+    # A run executes what is pending when a result or a read needs it (session.Run.execute:
+    # at the end of the recording, final=True, and at each read of a value): marked before
+    # (the graph is recorded, that part has not run) and after.
+    execute = session.Run.execute
 
-    def phases(run, targets=None):
+    def phases(run, wanted=(), final=False):
         mark("traced")
-        execute_pending(run, targets)
+        execute(run, wanted, final)
         mark("executed")
-    api.execute_pending = phases
+    session.Run.execute = phases
     warm = f", after 8 steps at B={args.warm}" if args.warm else ""
     print(f"{task.name} {args.impl}, training B={args.batch}{warm}, 1 thread: MB over the "
           f"base (resident now / high-water mark since the step began)")
@@ -92,7 +96,7 @@ def main(argv=None) -> None:
             print(f"  step {k + 1} (base {base:.0f} MB): " + "; ".join(
                 f"{name} {rss - base:+.1f} / {hwm - base:+.1f}" for name, rss, hwm in marks))
     finally:
-        api.execute_pending = execute_pending
+        session.Run.execute = execute
 
 
 if __name__ == "__main__":

@@ -1,208 +1,258 @@
-"""LazyTensor: the stand-in for a per-example tensor while a run records.
+"""LazyTensor, the stand-in for a per-example tensor while a run records; TensorMeta, what
+is known of it before it is computed; and the thread's current tracer.
 
-It holds the node that will compute it (and which output of that node), plus the shape,
-dtype and device inferred at record time, so user code may branch on ``x.shape``. Torch
-functions reach dynbatch through ``__torch_function__`` (or the run's TorchFunctionMode);
-Tensor methods and operators are generated here from name lists and go straight to
-``trace.record``. Reading a value (``item``, ``bool``, ``tolist``...) forces it: everything
-pending runs, batched, first.
+A LazyTensor holds the node that will compute it and which output of that node. Its
+shape, dtype, device and requires_grad are known at once (they were inferred for its
+signature), so per-example code may branch on them. Tensor methods and operators are
+generated from name lists and go to the tracer of this thread; torch functions reach it
+through the run's TorchFunctionMode or ``__torch_function__``. Reading a value (``item``,
+``bool``, ``tolist``...) asks the lazy tensor's run for it, which executes what is
+pending, batched, first.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
+from torch.utils._pytree import tree_map_only
 
 Tensor = torch.Tensor
 _DisableTorchFunction = torch._C.DisableTorchFunction
 
-# Filled in by trace.py at import (trace imports this module; this avoids the cycle).
-_record = None          # (fn, args, kwargs) -> LazyTensor | structure
-_dispatch = None        # __torch_function__ entry
-_force = None           # LazyTensor -> torch.Tensor
-_unsupported = None     # (message) -> raises UnsupportedError at the user's site
+
+class _Current(threading.local):
+    tracer = None       # the tracer recording in this thread (trace.Tracer), or None
+
+
+current = _Current()
+
+
+class TensorMeta:
+    """Shape, dtype, device and requires_grad of a per-example tensor. Interned by
+    ``meta_of``: equal metas are one object, so they compare and hash by identity, which
+    keeps the signature keys that hold them cheap to hash and compare."""
+
+    __slots__ = ("shape", "dtype", "device", "requires_grad", "__weakref__")
+
+    def __reduce__(self):
+        return meta_of, (tuple(self.shape), self.dtype, self.device, self.requires_grad)
+
+    def __repr__(self) -> str:
+        grad = ", requires_grad" if self.requires_grad else ""
+        return f"TensorMeta({tuple(self.shape)}, {self.dtype}, {self.device}{grad})"
+
+
+_METAS: dict = {}
+
+
+def meta_of(shape, dtype: torch.dtype, device: torch.device, requires_grad: bool = False
+            ) -> TensorMeta:
+    if type(device) is not torch.device:
+        with _DisableTorchFunction():       # (torch.device() reaches a run's mode)
+            device = torch.device(device)
+    key = (tuple(shape), dtype, device, bool(requires_grad))
+    meta = _METAS.get(key)
+    if meta is None:
+        meta = TensorMeta()
+        meta.shape = torch.Size(key[0])
+        meta.dtype, meta.device, meta.requires_grad = key[1], key[2], key[3]
+        meta = _METAS.setdefault(key, meta)     # another thread may have made it first
+    return meta
+
+
+def meta_of_tensor(t: Tensor) -> TensorMeta:
+    return meta_of(t.shape, t.dtype, t.device, t.requires_grad)
+
+
+class Input:
+    """Marks where a per-example tensor sits in a signature's template: the ``k``-th
+    per-example input of the call, whose meta is ``meta``. The batched call gets, in its
+    place, the batched tensor of all the batch's k-th inputs."""
+
+    __slots__ = ("k", "meta")
+
+    def __init__(self, k: int, meta: TensorMeta):
+        self.k, self.meta = k, meta
+
+    def __reduce__(self):
+        return Input, (self.k, self.meta)
+
+    def __repr__(self) -> str:
+        return f"Input({self.k}, {self.meta!r})"
+
+
+class _PendingGradFn:
+    """``x.grad_fn`` of a lazy tensor that will have one: not None, as in eager."""
+
+    def __repr__(self) -> str:
+        return "<grad_fn of a pending dynbatch value>"
+
+
+PENDING_GRAD_FN = _PendingGradFn()
 
 
 class LazyTensor:
     """A per-example tensor whose value is not computed yet.
 
     ``.value`` (or ``db.force(x)``) gives the real ``torch.Tensor``, executing pending work
-    first. Shape, dtype and device are known at once::
+    first. Shape, dtype, device and requires_grad are known at once::
 
         with db.autobatch() as run:
             ys = [torch.tanh(torch.tensor([float(i)])) for i in range(3)]
         ys[2].value        # tensor([0.9951])
     """
 
-    __slots__ = ("node", "index", "tkey", "_value")
+    __slots__ = ("node", "index", "meta", "_value")
 
-    def __init__(self, node, index: int, tkey: tuple):
+    def __init__(self, node, index: int, meta: TensorMeta):
         self.node = node
         self.index = index
-        self.tkey = tkey          # (shape, dtype, device): the signature's view of this input
+        self.meta = meta
         self._value = None
 
     # -- facts known at record time -------------------------------------------------------
-    @property
-    def shape(self) -> torch.Size:
-        return self.tkey[0]
+    shape = property(lambda self: self.meta.shape)
+    dtype = property(lambda self: self.meta.dtype)
+    device = property(lambda self: self.meta.device)
+    requires_grad = property(lambda self: self.meta.requires_grad)
+    ndim = property(lambda self: len(self.meta.shape))
+    is_cuda = property(lambda self: self.meta.device.type == "cuda")
+    layout = property(lambda self: torch.strided)
+    grad = property(lambda self: None)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.tkey[1]
+    def is_leaf(self) -> bool:
+        # a value computed by a recorded call is a leaf only when it does not require grad
+        return not self.meta.requires_grad or self.node.id < 0
 
     @property
-    def device(self) -> torch.device:
-        return self.tkey[2]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.tkey[0])
+    def grad_fn(self):
+        return None if self.is_leaf else PENDING_GRAD_FN
 
     def size(self, dim: int | None = None):
-        return self.tkey[0] if dim is None else self.tkey[0][dim]
+        return self.meta.shape if dim is None else self.meta.shape[dim]
 
     def dim(self) -> int:
-        return len(self.tkey[0])
+        return len(self.meta.shape)
 
     ndimension = dim
 
     def numel(self) -> int:
-        return self.tkey[0].numel()
+        return self.meta.shape.numel()
 
     nelement = numel
 
-    def __len__(self) -> int:
-        if not self.tkey[0]:
-            raise TypeError("len() of a 0-d tensor")
-        return self.tkey[0][0]
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.meta.dtype).element_size()
 
     def is_floating_point(self) -> bool:
-        return self.tkey[1].is_floating_point
+        return self.meta.dtype.is_floating_point
 
     def is_complex(self) -> bool:
-        return self.tkey[1].is_complex
+        return self.meta.dtype.is_complex
 
-    @property
-    def is_cuda(self) -> bool:
-        return self.tkey[2].type == "cuda"
-
-    @property
-    def layout(self):
-        return torch.strided
-
-    @property
-    def requires_grad(self) -> bool:
-        return False  # unknown until executed; no user branch should need it mid-trace
-
-    @property
-    def grad(self):
-        return None
+    def __len__(self) -> int:
+        if not self.meta.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.meta.shape[0]
 
     # -- concrete values ------------------------------------------------------------------
     @property
-    def value(self) -> torch.Tensor:
+    def value(self) -> Tensor:
         """The real tensor (executes pending work of this lazy tensor's run if needed)."""
         if self._value is None:
-            self._value = _force(self)
+            self._value = self.node.owner.value_of(self)
         return self._value
 
-    # Reads run with torch functions disabled: the value is a plain tensor, and sending its
-    # .item() through the run's mode again would cost ~6 us for nothing.
-    def item(self):
+    def _read(self, fn):
         value = self.value
         with _DisableTorchFunction():
-            return value.item()
+            return fn(value)
+
+    def item(self):
+        return self._read(Tensor.item)
 
     def tolist(self):
-        value = self.value
-        with _DisableTorchFunction():
-            return value.tolist()
+        return self._read(Tensor.tolist)
 
     def numpy(self):
-        value = self.value
-        with _DisableTorchFunction():
-            return value.numpy()
+        return self._read(Tensor.numpy)
 
     def __bool__(self) -> bool:
-        value = self.value
-        with _DisableTorchFunction():
-            return bool(value)
+        return self._read(bool)
 
     def __int__(self) -> int:
-        value = self.value
-        with _DisableTorchFunction():
-            return int(value)
+        return self._read(int)
 
     def __float__(self) -> float:
-        value = self.value
-        with _DisableTorchFunction():
-            return float(value)
+        return self._read(float)
 
     def __index__(self) -> int:
-        value = self.value
-        with _DisableTorchFunction():
-            return value.__index__()
+        return self._read(Tensor.__index__)
 
     def __complex__(self) -> complex:
-        value = self.value
-        with _DisableTorchFunction():
-            return complex(value)
+        return self._read(complex)
 
     def __array__(self, dtype=None):
-        arr = self.value.detach().cpu().numpy()
+        arr = self._read(lambda v: v.detach().cpu().numpy())
         return arr if dtype is None else arr.astype(dtype)
 
-    __hash__ = object.__hash__
-
     def __repr__(self) -> str:
-        shape = tuple(self.tkey[0])
-        state = "executed" if self.node.batch is not None else "pending"
-        return f"LazyTensor(shape={shape}, dtype={self.tkey[1]}, {state}, node=%{self.node.id})"
+        node = self.node
+        done = node.id < 0 or node.owner.graph.computed(node.id)
+        return (f"LazyTensor(shape={tuple(self.meta.shape)}, dtype={self.meta.dtype}, "
+                f"{'computed' if done else 'pending'}, node=%{node.id})")
 
     def __format__(self, spec: str) -> str:
-        if spec:
-            return format(self.value, spec)
-        return repr(self)
+        return format(self.value, spec) if spec else repr(self)
 
     def __iter__(self):
-        if not self.tkey[0]:
+        if not self.meta.shape:
             raise TypeError("iteration over a 0-d tensor")
-        return iter(_record(Tensor.unbind, (self, 0), {}))
+        return iter(record(Tensor.unbind, (self, 0), {}))
 
-    # -- recorded ops ---------------------------------------------------------------------
+    # -- recorded calls -------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        return _dispatch(func, args, kwargs or {})
+        return record(func, args, kwargs or {})
 
     def __getitem__(self, index):
-        return _record(Tensor.__getitem__, (self, index), {})
+        return record(Tensor.__getitem__, (self, index), {})
 
     def __setitem__(self, index, value):
-        _unsupported("item assignment `x[...] = v` on a per-example tensor")
+        record(Tensor.__setitem__, (self, index, value), {})
 
-    @property
-    def T(self):
-        n = len(self.tkey[0])
-        return self if n < 2 else _record(Tensor.permute, (self, tuple(range(n - 1, -1, -1))), {})
-
-    @property
-    def mT(self):
-        return _record(Tensor.transpose, (self, -2, -1), {})
-
-    @property
-    def data(self):
-        return _record(Tensor.detach, (self,), {})
+    T = property(lambda self: record(Tensor.permute, (self, tuple(range(self.ndim - 1, -1, -1))),
+                                     {}) if self.ndim >= 2 else self)
+    mT = property(lambda self: record(Tensor.transpose, (self, -2, -1), {}))
+    H = property(lambda self: record(Tensor.adjoint, (self,), {}) if self.ndim >= 2 else self)
+    data = property(lambda self: record(Tensor.detach, (self,), {}))
 
     def __getattr__(self, name: str):
-        # Tensor methods not generated below still record, at a small extra cost per call.
+        # Tensor methods not generated below still record, at a small extra cost per call
         if name.startswith("__"):
             raise AttributeError(name)
         attr = getattr(Tensor, name, None)
         if attr is None or not callable(attr):
             raise AttributeError(f"'LazyTensor' has no attribute {name!r} (torch.Tensor has "
                                  f"{'no such' if attr is None else 'a non-callable'} attribute)")
-        if name.endswith("_"):
-            _unsupported(f"in-place Tensor.{name} on a per-example tensor")
-        return lambda *args, **kwargs: _record(attr, (self,) + args, kwargs)
+        return lambda *args, **kwargs: record(attr, (self,) + args, kwargs)
+
+
+def record(fn, args, kwargs):
+    """``fn(*args, **kwargs)`` with lazy tensors among the arguments: recorded by this
+    thread's tracer; outside any run (a lazy tensor kept after its run), computed eagerly
+    on the values."""
+    tracer = current.tracer
+    if tracer is None:
+        return call_on_values(fn, args, kwargs)
+    return tracer.record(fn, args, kwargs)
+
+
+def call_on_values(fn, args, kwargs):
+    args, kwargs = tree_map_only(LazyTensor, lambda lt: lt.value, (args, kwargs))
+    with _DisableTorchFunction():
+        return fn(*args, **kwargs)
 
 
 # Tensor methods generated as real methods: the common ones skip __getattr__.
@@ -217,7 +267,7 @@ nan_to_num norm outer permute pow prod reciprocal relu remainder repeat reshape 
 roll round rsqrt select sigmoid sign sin sinh softmax sort split sqrt square squeeze std sub sum
 swapaxes t tan tanh to topk transpose true_divide trunc type_as unbind unflatten unsqueeze var
 view view_as where movedim tril triu dot new_zeros new_ones new_full new_tensor new_empty
-exp2 logit hardshrink zero_ nonzero masked_select unique repeat_interleave
+exp2 logit hardshrink nonzero masked_select unique repeat_interleave
 """
 
 _OPERATORS = """
@@ -225,9 +275,6 @@ __add__ __radd__ __sub__ __rsub__ __mul__ __rmul__ __truediv__ __rtruediv__ __fl
 __rfloordiv__ __mod__ __rmod__ __pow__ __rpow__ __matmul__ __rmatmul__ __neg__ __pos__ __abs__
 __invert__ __and__ __rand__ __or__ __ror__ __xor__ __rxor__ __lshift__ __rshift__
 __eq__ __ne__ __lt__ __le__ __gt__ __ge__
-"""
-
-_INPLACE_OPERATORS = """
 __iadd__ __isub__ __imul__ __itruediv__ __ifloordiv__ __imod__ __ipow__ __imatmul__
 __iand__ __ior__ __ixor__ __ilshift__ __irshift__
 """
@@ -235,52 +282,18 @@ __iand__ __ior__ __ixor__ __ilshift__ __irshift__
 
 def _make_method(fn):
     def method(self, *args, **kwargs):
-        return _record(fn, (self,) + args, kwargs)
+        tracer = current.tracer
+        if tracer is None:
+            return call_on_values(fn, (self,) + args, kwargs)
+        return tracer.record(fn, (self,) + args, kwargs)
     method.__name__ = fn.__name__
     method.__doc__ = f"Recorded {fn.__qualname__}."
     return method
 
 
-def _make_inplace_operator(name: str):
-    plain = "__" + name[3:]
-
-    def method(self, other):
-        # `x += y` rebinding the name is what the user means; there is no alias to keep in
-        # sync because lazy tensors are never views of user-visible storage.
-        return getattr(self, plain)(other)
-    method.__name__ = name
-    return method
-
-
-for _name in _METHODS.split():
-    if _name.endswith("_"):
-        continue
+for _name in _METHODS.split() + _OPERATORS.split():
     _fn = getattr(Tensor, _name, None)
     if _fn is not None:
         setattr(LazyTensor, _name, _make_method(_fn))
-for _name in _OPERATORS.split():
-    setattr(LazyTensor, _name, _make_method(getattr(Tensor, _name)))
-for _name in _INPLACE_OPERATORS.split():
-    setattr(LazyTensor, _name, _make_inplace_operator(_name))
-LazyTensor.__hash__ = object.__hash__  # defining __eq__ above would otherwise drop it
+LazyTensor.__hash__ = object.__hash__   # defining __eq__ above would otherwise drop it
 del _name, _fn
-
-
-def map_lazy(args, kwargs, f, shared=None):
-    """(args, kwargs) with every lazy tensor, also inside lists and tuples, replaced by
-    ``f(lazy)``, and every real tensor by ``shared(tensor)`` when given."""
-    return (tuple(_map_one(a, f, shared) for a in args),
-            {k: _map_one(v, f, shared) for k, v in kwargs.items()})
-
-
-def _map_one(a, f, shared):
-    # a module-level function, not a closure that calls itself: such a closure is a
-    # reference cycle, left for the garbage collector (off while a run traces) to free
-    t = type(a)
-    if t is LazyTensor:
-        return f(a)
-    if t is list or t is tuple:
-        return t(_map_one(x, f, shared) for x in a)
-    if shared is not None and isinstance(a, Tensor):
-        return shared(a)
-    return a

@@ -1,20 +1,21 @@
-"""Counters and timings of the last run, behind ``db.stats()``.
+"""Counters and timings of a run, behind ``db.stats()`` (the last run of this thread).
 
 ``DYNBATCH_DEBUG=1`` in the environment prints every batch as it runs (execute.py).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 
 @dataclass
 class Stats:
-    """The last finished run. ``nodes``: ops recorded; ``batches``: batched calls launched
-    (constants included); ``fallbacks``: nodes run one example at a time; ``vmap_batches``:
-    batches that went through torch.func.vmap; ``rounds``: times the examples were
-    suspended at reads of values and resumed; ``signatures``: distinct signatures among
-    the batches run; ``free_lists_s``: emptying the interpreter's free lists at the close of
-    a large run (NOTE [free lists at close] in api.py); times in seconds."""
+    """The last finished run of this thread. ``nodes``: calls recorded; ``batches``:
+    batched calls launched; ``fallbacks``: nodes run one example at a time;
+    ``vmap_batches``: batches that went through torch.func.vmap; ``rounds``: times the
+    examples were suspended at reads of values and resumed; ``signatures``: distinct
+    signatures among the batches run; ``free_lists_s``: emptying the interpreter's free
+    lists at the close of a large run (session.py); times in seconds."""
 
     strategy: str = ""
     examples: int = 0
@@ -42,13 +43,16 @@ class Stats:
                 (f", free lists {self.free_lists_s * 1e3:.1f} ms" if self.free_lists_s else ""))
 
 
-_last = Stats()
+class _Last(threading.local):
+    stats = Stats()
+
+
+_last = _Last()
 
 
 def last() -> Stats:
-    return _last
+    return _last.stats
 
 
 def publish(stats: Stats) -> None:
-    global _last
-    _last = stats
+    _last.stats = stats

@@ -1,247 +1,347 @@
-"""Signatures: the one place that decides which nodes may run as one batched call.
+"""Signatures: the one place that decides which recorded calls may run as one batched call,
+and what is worked out once for each.
 
-``signature_key`` builds, per recorded call, a hashable key from the callable, the
-shape/dtype/device of every lazy input, the identity of every shared tensor, every Python
-constant (with its type, so 1, 1.0 and True differ) and the autograd mode. Equal keys
-mean one call can compute all those nodes. The key is mapped to a ``Signature``, which
-holds what was inferred once for it: output shapes, the batching rule, and where the lazy
-inputs sit in the arguments. This is the hot path of tracing.
+``call_key`` builds a hashable key for each recorded call from the callable, the state
+that changes results (grad mode, autocast, default dtype: ``state_now``), the meta of
+every per-example tensor, the identity of every shared tensor and object, and every
+Python constant with its type. Equal keys mean one call computes all those nodes. A new
+key gets a ``Signature`` (``new_signature``): the call's template (its arguments, with an
+``Input`` marker where each per-example tensor goes), its outputs inferred on fake
+tensors (no side effects, no user code run on real data), its canonical form and the
+batched call a rule makes of it, or vmap's.
+
+Keys naming only plain values are kept across runs (``GLOBAL``). Keys naming shared
+tensors or objects live for one run (a run's tensors and modules may be replaced between
+runs); what they infer is kept across runs under the same key with each shared tensor's
+meta in place of its identity (``_INFERRED``).
 """
 from __future__ import annotations
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import MixedRunError
-from .lazy import LazyTensor
+from . import rules
+from .errors import TraceError, where
+from .graph import outs_of
+from .infer import checks_out, fake_cannot, infer
+from .lazy import LazyTensor, TensorMeta, meta_of_tensor
+from .rules import Call, fallback, fused, normalize
+from .state import grad_mode_of
+from .template import PLAIN, SCALARS, SHARED, filler, metas_of, template_of
 
 Tensor = torch.Tensor
-_is_grad_enabled = torch.is_grad_enabled
-_is_inference = torch.is_inference_mode_enabled
+OP, READ, BLOCK, INPLACE = "op", "read", "block", "inplace"
+_INPLACE_OPERATORS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                      "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
+                      "__ilshift__", "__irshift__", "__setitem__"}
 
 
-def autograd_mode() -> int:
-    """0: no grad, 1: grad, 2: inference mode. Part of every key: a node executes in the
-    mode it was recorded in, whatever mode the read that runs it happens in."""
-    return 2 if _is_inference() else 1 if _is_grad_enabled() else 0
+# -- keys ---------------------------------------------------------------------------------
 
-
-class _Shared:
-    """Marks a shared tensor's part of a key: (SHARED, id). Such keys live for one run, in
-    which every shared tensor a node names stays alive (the node holds it), so its id is
-    its identity. No shape is read: a tensor attribute read from a Tensor method while the
-    run's mode is active costs a full torch-function dispatch (~7 us)."""
-
-    def __repr__(self) -> str:
-        return "shared"
-
-
-SHARED = _Shared()
-_SCALARS = (int, float, bool, complex)
-
-OP, CONST, BLOCK, EAGER = "op", "const", "block", "eager"
-
-# plain keys (no shared tensor, no user object; see is_cacheable) -> Signature, kept across
-# runs; keys naming shared tensors or modules live in each run's local_signatures
-GLOBAL_SIGNATURES: dict = {}
-
-
-class Signature:
-    """What every node with one key shares. Compared by identity: the key -> Signature map
-    makes equal keys one object.
-
-    kind: OP (a torch call), CONST (per-example data stacked at execution), BLOCK (one node
-    for a whole module or function call), EAGER (cannot batch, or returns a Python value:
-    runs at once per example on forced values).
-    """
-
-    __slots__ = ("kind", "fn", "rule", "outputs", "structure", "paths", "per_example",
-                 "grad", "name", "direct", "indexed", "__weakref__")
-
-    def __init__(self, kind, fn=None, rule=None, outputs=(), structure=None, paths=(),
-                 per_example=(), grad=1, name=""):
-        self.kind = kind
-        self.fn = fn
-        self.rule = rule
-        self.outputs = outputs          # tkey of each output
-        self.structure = structure      # None: one tensor; else a type to rebuild outputs
-        self.paths = paths              # where lazy inputs sit: (i,), (i, j) or ("kw", name)
-        self.per_example = per_example  # flags mirroring args, for the rule
-        self.grad = grad                # autograd_mode() the nodes were recorded in
-        self.name = name
-        self.direct = None              # specialize.specialize's (fn, edits), when it applies
-        self.indexed = False            # some plain node reads a later output (NOTE [indexed
-                                        # plain nodes] in graph.py)
-
-    def __repr__(self) -> str:
-        shapes = ", ".join(str(tuple(t[0])) for t in self.outputs)
-        return f"<{self.kind} {self.name} -> {shapes}>"
-
-
-class Uncacheable(Exception):
-    pass
-
-
-def _seq_key(seq, inputs, owner, depth_box):
-    parts = [type(seq)]
-    for a in seq:
-        t = type(a)
-        if t is LazyTensor:
-            node = a.node
-            if node.owner is not owner:
-                raise_mixed(owner)
-            inputs.append(node.id)
-            if node.depth > depth_box[0]:
-                depth_box[0] = node.depth
-            parts.append(a.tkey)
-        elif t in _SCALARS:
-            parts.append(t)
-            parts.append(a)
-        elif isinstance(a, Tensor):
-            parts.append((SHARED, id(a)))
-        elif t is list or t is tuple:
-            parts.append(_seq_key(a, inputs, owner, depth_box))
-        elif t is slice:
-            parts.append((slice, a.start, a.stop, a.step))
-        else:
-            parts.append(a)
-    return tuple(parts)
-
-
-def raise_mixed(owner):
-    raise MixedRunError("a lazy tensor from another dynbatch run was used here; lazy tensors "
-                        "belong to the @batched call or autobatch scope that made them "
-                        "(use `.value` to carry a result from one run into another)")
-
-
-def signature_key(fn, args, kwargs, owner):
-    """(key, input node ids, max input depth, plain) of one call. ``owner`` is the
-    recording run. ``plain``: the call's lazy inputs are exactly its first one or two
-    arguments, each an output of a graph node, so ``inputs`` (with the output indices,
-    NOTE [indexed plain nodes] in graph.py) say where the values come from (NOTE [plain
-    nodes] in trace.py)."""
-    mode = 2 if _is_inference() else 1 if _is_grad_enabled() else 0
-    if not kwargs and 0 < len(args) <= 2:
-        # Fast path for the commonest calls (unary ops; binary ops on two lazy tensors or a
-        # lazy tensor and a Python number). It builds exactly the key the loop below would.
+def call_key(fn, state, args, kwargs, tracer):
+    """(key, input ids, output index of each input or None, local) of one call. ``local``:
+    the key names a shared tensor or object, so it lives for this run only."""
+    if not kwargs and 0 < len(args) <= 2 and type(args[0]) is LazyTensor:
+        # the commonest calls, f(x), f(x, y) and f(x, 2.0), keyed as the loop below would
         a = args[0]
-        if type(a) is LazyTensor:
-            na = a.node
-            if na.owner is owner:
-                # inputs as tuples here: a node keeps them, and a tuple is 24 bytes
-                # smaller than a list
-                ia = na.id
-                if len(args) == 1:
-                    return (fn, mode, a.tkey), (ia,), na.depth, ia >= 0 and a.index < 16
-                b = args[1]
-                tb = type(b)
-                if tb is LazyTensor:
-                    nb = b.node
-                    if nb.owner is owner:
-                        ib = nb.id
-                        depth = na.depth if na.depth > nb.depth else nb.depth
-                        return (fn, mode, a.tkey, b.tkey), (ia, ib), depth, \
-                            ia >= 0 and ib >= 0 and a.index < 16 and b.index < 16
-                elif tb is float or tb is int:
-                    return (fn, mode, a.tkey, tb, b), (ia,), na.depth, \
-                        ia >= 0 and a.index < 16
-    key = [fn, mode]
-    inputs = []
-    depth = -1
-    for a in args:
+        na = a.node
+        if na.owner is tracer:
+            if len(args) == 1:
+                return (fn, state, a.meta), (na.id,), outs_of((a.index,)) if a.index else None, \
+                    False
+            b = args[1]
+            tb = type(b)
+            if tb is LazyTensor and b.node.owner is tracer:
+                outs = outs_of((a.index, b.index)) if a.index or b.index else None
+                return (fn, state, a.meta, b.meta), (na.id, b.node.id), outs, False
+            if (tb is float or tb is int) and b == b:
+                outs = outs_of((a.index,)) if a.index else None
+                return (fn, state, a.meta, tb, b), (na.id,), outs, False
+    parts = [fn, state]
+    inputs: list[int] = []
+    outs: list[int] = []
+    local = False
+    for a in args:          # lazy tensors, and sequences of them, inline: a cell's (h, c)
         t = type(a)
         if t is LazyTensor:
             node = a.node
-            if node.owner is not owner:
-                raise_mixed(owner)
+            if node.owner is not tracer:
+                tracer.foreign(a)
             inputs.append(node.id)
-            if node.depth > depth:
-                depth = node.depth
-            key.append(a.tkey)
-        elif t in _SCALARS:
-            key.append(t)
-            key.append(a)
-        elif t is list or t is tuple:
-            # flat: (type, length, items...) in the key itself, no nested tuple per call;
-            # (h, c) pairs of a cell are the commonest argument of a block. The lazy case
-            # repeats the one above inline: a helper call per item would cost more
-            key.append(t)
-            key.append(len(a))
+            outs.append(a.index)
+            parts.append(a.meta)
+        elif t is tuple or t is list:
+            parts.append(t)
+            parts.append(len(a))
             for x in a:
-                tx = type(x)
-                if tx is LazyTensor:
+                if type(x) is LazyTensor:
                     node = x.node
-                    if node.owner is not owner:
-                        raise_mixed(owner)
+                    if node.owner is not tracer:
+                        tracer.foreign(x)
                     inputs.append(node.id)
-                    if node.depth > depth:
-                        depth = node.depth
-                    key.append(x.tkey)
-                elif tx in _SCALARS:
-                    key.append(tx)
-                    key.append(x)
+                    outs.append(x.index)
+                    parts.append(x.meta)
                 else:
-                    box = [depth]
-                    key.append(_seq_key((x,), inputs, owner, box))
-                    depth = box[0]
-        elif isinstance(a, Tensor):
-            key.append((SHARED, id(a)))
-        elif t is slice:
-            key.append((slice, a.start, a.stop, a.step))
+                    local |= _key_part(x, parts, inputs, outs, tracer)
+        elif t in SCALARS:
+            parts.append(t)
+            parts.append(a if a == a else "nan")
+        elif t in _OBJECTS:         # a module (a method's self), a config object
+            parts.append(a)
+            local = True
         else:
-            key.append(a)
-    if kwargs:
-        # keywords are rare: one (name, value) pair each, through the general walker
-        box = [depth]
-        for name, a in kwargs.items():
-            key.append(name)
-            key.append(_seq_key((a,), inputs, owner, box))
-        depth = box[0]
-    return tuple(key), tuple(inputs), depth, False
+            local |= _key_part(a, parts, inputs, outs, tracer)
+    for name, value in kwargs.items():
+        parts.append(name)
+        local |= _key_part(value, parts, inputs, outs, tracer)
+    return tuple(parts), tuple(inputs), outs_of(tuple(outs)), local
 
 
-def layout_of(args, kwargs):
-    """(paths, per_example) of a call: where its lazy inputs sit, and the rule's flags."""
-    paths = []
-    flags = []
-    for i, a in enumerate(args):
-        t = type(a)
-        if t is LazyTensor:
-            paths.append((i,))
-            flags.append(True)
-        elif (t is list or t is tuple) and any(type(x) is LazyTensor for x in a):
-            inner = []
-            for j, x in enumerate(a):
-                lazy = type(x) is LazyTensor
-                if lazy:
-                    paths.append((i, j))
-                inner.append(lazy)
-            flags.append(tuple(inner))
-        else:
-            flags.append(False)
-    for name, a in kwargs.items():
-        if type(a) is LazyTensor:
-            paths.append(("kw", name))
-    return tuple(paths), tuple(flags)
-
-
-def is_cacheable(key) -> bool:
-    """Keys made only of a torch callable and plain values (shapes, dtypes, constants) may
-    be kept across runs. Keys naming a shared tensor or another object (a module, a user
-    function) are kept for one run only: across runs they would grow the cache without
-    bound (a fresh tensor per run, a fresh id) and keep a user's objects alive."""
-    for part in key[1:]:
-        if not _plain(part):
-            return False
+def _key_part(a, parts: list, inputs: list, outs: list, tracer) -> bool:
+    """Append one argument's part of a key (any argument, nested in any container);
+    whether it names a shared tensor or object."""
+    t = type(a)
+    if t is LazyTensor:
+        node = a.node
+        if node.owner is not tracer:
+            tracer.foreign(a)
+        inputs.append(node.id)
+        outs.append(a.index)
+        parts.append(a.meta)
+        return False
+    if t in SCALARS:
+        parts.append(t)
+        parts.append(a if a == a else "nan")
+        return False
+    if t is list or t is tuple or t is dict:
+        parts.append(t)
+        parts.append(len(a) if t is not dict else tuple(a))
+        local = False
+        for x in (a.values() if t is dict else a):
+            local |= _key_part(x, parts, inputs, outs, tracer)
+        return local
+    if t is slice:
+        parts.append(slice)
+        return _key_part((a.start, a.stop, a.step), parts, inputs, outs, tracer)
+    if t in PLAIN:
+        parts.append(a)
+        return False
+    if isinstance(a, Tensor):       # shared: by identity, for this run
+        parts.append(SHARED)
+        parts.append(id(a))
+        return True
+    try:                            # modules, functions, user objects: by identity
+        hash(a)
+        parts.append(a)
+        if len(_OBJECTS) < 1000 and t.__hash__ is object.__hash__:
+            _OBJECTS.add(t)
+    except TypeError:
+        parts.append((t, id(a)))
     return True
 
 
-_PLAIN_TYPES = (int, float, bool, complex, str, type(None), torch.dtype, torch.device,
-                torch.Size, type(Ellipsis), type, torch.layout, torch.memory_format)
+_OBJECTS: set = set()       # types met as hashable, identity-hashed objects in keys
 
 
-def _plain(part) -> bool:
-    if isinstance(part, _PLAIN_TYPES):
-        return True
-    if type(part) is tuple:
-        return all(_plain(p) for p in part)
-    return False
+# -- signatures ---------------------------------------------------------------------------
+
+class Signature:
+    """What every node of one key shares. Compared by identity (the key -> signature maps
+    make equal keys one object).
+
+    ``inputs``: the meta of each per-example input (``Input`` k of ``template``);
+    ``outputs``: of each output, in pytree order; ``wrap(node)`` gives a node's lazy
+    outputs in the call's structure; ``batched(values)`` computes a whole batch from the
+    batched value of each input, as the tuple of its outputs; ``how`` says by what
+    ("rule", "vmap", "loop", "block");
+    ``per_example(values)`` is the call for one example. ``normal``: the canonical form,
+    ``rule``: the rule's batched call of it (both None where none applies). ``site``:
+    where it was first recorded (for warnings)."""
+
+    __slots__ = ("kind", "fn", "name", "state", "inputs", "outputs", "wrap", "target",
+                 "template", "fill", "batched", "how", "site", "view", "fused",
+                 "normal", "rule", "flat", "single", "source", "__weakref__")
+
+    def __init__(self, kind, fn, name, state, inputs=(), outputs=(), wrap=None):
+        self.kind, self.fn, self.name, self.state = kind, fn, name, state
+        self.inputs, self.outputs, self.wrap = inputs, outputs, wrap
+        self.single = None      # the output's meta, when the call returns one tensor
+        self.target = fn
+        self.template = ((), {})
+        self.fill = None
+        self.batched = None
+        self.how = ""
+        self.site = None
+        self.view = False
+        self.fused = None       # rules/fused.py: how the plan gathers this signature's inputs
+        self.normal = None
+        self.rule = None
+        self.flat = _as_tuple     # a call's output structure -> the tuple of its tensors
+        self.source = None        # what rebuilds it in another process (refs.py)
+
+    def per_example(self, values):
+        args, kwargs = self.fill(values)
+        return self.target(*args, **kwargs)
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether its outputs may carry gradients."""
+        return any(m.requires_grad for m in self.outputs)
+
+    @property
+    def cuts_grad(self) -> bool:
+        """Whether it reads a value that requires grad and makes none that does (argmax,
+        a comparison): the values it reads may then be needed without their gradients."""
+        return any(m.requires_grad for m in self.inputs) and not self.differentiable
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(str(tuple(m.shape)) for m in self.outputs)
+        return f"<{self.kind} {self.name} -> {shapes}>"
+
+
+def name_of(fn) -> str:
+    if isinstance(fn, torch.nn.Module):
+        return type(fn).__name__
+    mod = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    name = name.replace("TensorBase.", "Tensor.").replace("_VariableFunctionsClass.", "")
+    if mod == "torch.nn.functional":
+        return "F." + name
+    if mod.startswith("torch") and "." not in name:
+        return "torch." + name
+    return name
+
+
+def _as_tuple(out) -> tuple:
+    return (out,) if isinstance(out, Tensor) else tuple(tree_flatten(out)[0])
+
+
+def wrapper(out_spec, metas):
+    """A function making a node's lazy outputs in the structure the call returns."""
+    if out_spec is None:
+        m0 = metas[0]
+        return lambda node: LazyTensor(node, 0, m0)
+    if out_spec.type is tuple and all(c.is_leaf() for c in out_spec.children()):
+        if len(metas) == 2:
+            m0, m1 = metas
+            return lambda node: (LazyTensor(node, 0, m0), LazyTensor(node, 1, m1))
+        return lambda node: tuple([LazyTensor(node, i, m) for i, m in enumerate(metas)])
+    return lambda node: tree_unflatten([LazyTensor(node, i, m) for i, m in enumerate(metas)],
+                                       out_spec)
+
+
+GLOBAL: dict = {}           # key -> Signature, for keys naming plain values only
+_INFERRED: dict = {}        # facts key -> a signature whose inferred parts a run reuses
+_LIMIT = 100_000
+
+
+def signature_for(fn, args, kwargs, key, local, state, tracer, site) -> Signature:
+    """The signature of a key met for the first time (in this run, for a local key)."""
+    targs, tkwargs, metas, facts = template_of(args, kwargs)
+    facts_key = (fn, state) + facts if local and facts is not None else None
+    known = _INFERRED.get(facts_key) if facts_key is not None else None
+    if known is not None:
+        sig = _rebound(known, targs, tkwargs)
+    else:
+        sig = _new_signature(fn, targs, tkwargs, metas, state, tracer, site)
+        if facts_key is not None:
+            if len(_INFERRED) > _LIMIT:
+                _INFERRED.clear()
+            _INFERRED[facts_key] = sig
+    if not local:
+        if len(GLOBAL) > _LIMIT:
+            GLOBAL.clear()
+        sig = GLOBAL.setdefault(key, sig)     # two threads may have made it at once
+    return sig
+
+
+def _rebound(known: Signature, targs, tkwargs) -> Signature:
+    """``known``, inferred for other shared tensors of the same metas, with this call's
+    shared tensors in its template."""
+    sig = Signature(known.kind, known.fn, known.name, known.state, known.inputs,
+                    known.outputs, known.wrap)
+    for slot in ("view", "fused", "site", "normal", "rule", "single"):
+        setattr(sig, slot, getattr(known, slot))
+    if known.kind is OP:
+        _finish(sig, targs, tkwargs)
+    return sig
+
+
+def rebuilt_op(fn, targs, tkwargs, state) -> Signature:
+    """An OP signature made again from its source (refs.py: in another process)."""
+    return _new_signature(fn, targs, tkwargs, metas_of(targs, tkwargs), state, None, None)
+
+
+def _new_signature(fn, targs, tkwargs, metas, state, tracer, site) -> Signature:
+    name = name_of(fn)
+    short = getattr(fn, "__name__", "")
+    if (short.endswith("_") and not short.startswith("__")) or short in _INPLACE_OPERATORS:
+        return Signature(INPLACE, fn, name, state, metas)
+    try:
+        out = infer(fn, targs, tkwargs, state)
+    except Exception as err:
+        if fake_cannot(err):       # data-dependent output, or no fake kernel: per example
+            return Signature(READ, fn, name, state, metas)
+        example = tracer.example if tracer is not None else None
+        raise TraceError(f"{name} failed for {where(example, site)}\n"
+                         f"  {type(err).__name__}: {err}") from err
+    leaves, spec = tree_flatten(out)
+    if not leaves or not all(isinstance(x, Tensor) for x in leaves):
+        return Signature(READ, fn, name, state, metas)      # a Python value: per example
+    outputs = tuple(meta_of_tensor(x) for x in leaves)
+    sig = Signature(OP, fn, name, state, metas, outputs,
+                    wrapper(None if spec.is_leaf() else spec, outputs))
+    sig.single = outputs[0] if spec.is_leaf() else None
+    sig.site = site
+    normal = sig.normal = normalize.normalize(fn, targs, tkwargs)
+    if normal is not None:
+        canon = normalize.canonical(normal, targs, tkwargs)
+        if canon.get("inplace") is True or canon.get("out") is not None:
+            return Signature(INPLACE, fn, name, state, metas)
+        sig.view = normal.view
+        rule = rules.rule_for(normal.key)
+        if rule is not None:
+            sig.rule = rule(Call(fn, normal.target, canon, outputs))
+            if sig.rule is not None and not checks_out(sig.rule, canon, outputs, state):
+                sig.rule = None
+    _finish(sig, targs, tkwargs)
+    return sig
+
+
+def stacked_sum_signature(state, member: TensorMeta, all_dims: bool) -> Signature:
+    """The signature of a ``stacked_sum`` node (NOTE [stacked sums] in rules/fused.py): its
+    key leaves the number of members out."""
+    key = (fused.stacked_sum, state, member, all_dims)
+    sig = GLOBAL.get(key)
+    if sig is None:
+        out = fused.output_meta(member, all_dims, grad_mode_of(state) == 1)
+        sig = Signature(OP, fused.stacked_sum, "stack(...).sum()" if all_dims else
+                        "stack(...).sum(0)", state, (member,), (out,),
+                        wrapper(None, (out,)))
+        sig.single = out
+        sig.source = ("stacked-sum", member, all_dims)
+        sig.fused = fused.SegmentSum(all_dims)
+        sig.batched = sig.fused.batched
+        sig.how = "rule"
+        sig = GLOBAL.setdefault(key, sig)
+    return sig
+
+
+def _finish(sig: Signature, targs, tkwargs) -> None:
+    """An OP signature's template, filler and batched call, from its normal form and rule."""
+    sig.source = ("op", sig.fn, targs, tkwargs)
+    if sig.normal is not None:
+        sig.target = sig.normal.target
+        sig.template = ((), normalize.canonical(sig.normal, targs, tkwargs))
+    else:
+        sig.target, sig.template = sig.fn, (targs, tkwargs)
+    fill = sig.fill = filler(*sig.template)
+    target, rule, flat = sig.target, sig.rule, sig.flat
+    if rule is not None:
+        sig.how = "rule"
+        sig.batched = lambda values: flat(rule(fill(values)[1]))
+    else:
+        sig.how = "vmap"
+        sig.batched = lambda values: flat(fallback.vmap_call(target, fill, values))
+
+

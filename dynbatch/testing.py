@@ -6,12 +6,26 @@ every parameter gradient; ``max_batches`` also proves that batching happened.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from . import api
+from .rules import fallback
+
+
+@contextlib.contextmanager
+def strict():
+    """Within: running a batch one example at a time (no batching rule, and vmap could not
+    batch the call) raises ``FallbackError`` instead, naming the user's line."""
+    old = fallback.STRICT
+    fallback.STRICT = True
+    try:
+        yield
+    finally:
+        fallback.STRICT = old
 
 
 def _leaves(structure, where: str):

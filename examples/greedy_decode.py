@@ -28,7 +28,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dynbatch as db  # noqa: E402
-from dynbatch import trace  # noqa: E402
 from dynbatch.models.decoder import Seq2SeqGRU, greedy_padded  # noqa: E402
 
 DIGITS, BOS, EOS = 10, 10, 11
@@ -44,14 +43,8 @@ def batch_loss(src, model):
     return model.loss(src, src[::-1])
 
 
-_runs: list = []
-
-
 @db.batched
 def batch_greedy(src, model, max_len):
-    run = trace.current_run()          # only to report how many rounds the run took
-    if not _runs or _runs[-1] is not run:
-        _runs.append(run)
     return model.greedy(src, max_len)
 
 
@@ -122,7 +115,7 @@ def main(argv=None) -> None:
         batched, per_batch = [], []
         for chunk in batches:
             batched += batch_greedy(chunk, model, max_steps)
-            per_batch.append((db.stats(), _runs[-1].rounds, chunk))
+            per_batch.append((db.stats(), chunk))
         padded = [out for chunk in batches for out in greedy_padded(model, chunk, max_steps)]
 
     same = sum(b == e for b, e in zip(batched, eager))
@@ -140,12 +133,12 @@ def main(argv=None) -> None:
           "Embedding, GRUCell, Linear, argmax, then the read):")
     print(f"  {'examples':>8} {'enc+dec steps':>14} {'longest':>8} {'rounds':>7} "
           f"{'nodes':>7} {'batches':>8} {'examples x steps / batches':>27}")
-    for k, (stats, rounds, chunk) in enumerate(per_batch):
+    for k, (stats, chunk) in enumerate(per_batch):
         start = k * args.batch_size
         dec = [min(len(o) + 1, max_steps) for o in eager[start:start + len(chunk)]]
         steps = sum(len(s) for s in chunk) + sum(dec)
         longest = max(len(s) + d for s, d in zip(chunk, dec))
-        print(f"  {len(chunk):8d} {steps:14d} {longest:8d} {rounds:7d} {stats.nodes:7d} "
+        print(f"  {len(chunk):8d} {steps:14d} {longest:8d} {stats.rounds:7d} {stats.nodes:7d} "
               f"{stats.batches:8d} {steps / stats.batches:27.1f}")
 
     # -- speed: interleaved reps, same data and weights ------------------------------------
@@ -181,7 +174,6 @@ def main(argv=None) -> None:
     for name, ts in times.items():
         rate = len(srcs) / statistics.median(ts)
         print(f"  {name:28s} {rate:8.0f} sequences/s   x{rate / base:5.2f} vs eager")
-    _runs.clear()
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import dynbatch as db  # noqa: E402
-from dynbatch import trace  # noqa: E402
 from dynbatch.data import sst  # noqa: E402
 from dynbatch.models import parser as P  # noqa: E402
 
@@ -71,14 +70,8 @@ def batch_loss(sentence, model):
     return model.loss(sentence.ids, sentence.gold)
 
 
-_runs: list = []
-
-
 @db.batched
 def batch_parse(sentence, model):
-    run = trace.current_run()          # only to report how many rounds the run took
-    if not _runs or _runs[-1] is not run:
-        _runs.append(run)
     return model.parse(sentence.ids)
 
 
@@ -291,7 +284,7 @@ def main(argv=None) -> int:
             for chunk in batches:
                 for s, actions in zip(chunk, batch_parse(chunk, model)):
                     same += actions == eager[id(s)]
-                per_batch.append((order, db.stats(), _runs[-1].rounds, chunk))
+                per_batch.append((order, db.stats(), chunk))
     total = len(sample) * len(orders)
     print(f"\nbatched == eager parses on {len(sample)} dev sentences (both minibatch orders): "
           f"{same}/{total}{'  (exact agreement)' if same == total else '  MISMATCH'}")
@@ -299,13 +292,13 @@ def main(argv=None) -> int:
           "decision: scorer, argmax, read; per REDUCE: compose):")
     print(f"  {'minibatches':>16} {'sentences':>9} {'transitions':>11} {'decisions':>9} "
           f"{'longest':>7} {'rounds':>6} {'nodes':>6} {'batches':>7} {'transitions/batch':>17}")
-    for order, stats, rounds, chunk in per_batch:
+    for order, stats, chunk in per_batch:
         parses = [eager[id(s)] for s in chunk]
         transitions = sum(len(a) for a in parses)
         decisions = sum(_decisions(a) for a in parses)
         longest = max(len(a) for a in parses)
         print(f"  {order:>16} {len(chunk):9d} {transitions:11d} {decisions:9d} {longest:7d} "
-              f"{rounds:6d} {stats.nodes:6d} {stats.batches:7d} "
+              f"{stats.rounds:6d} {stats.nodes:6d} {stats.batches:7d} "
               f"{transitions / stats.batches:17.1f}")
 
     def run_eager():
@@ -333,7 +326,6 @@ def main(argv=None) -> int:
     for name, ts in times.items():
         rate = len(sample) / statistics.median(ts)
         print(f"  {name:28s} {rate:8.1f} sentences/s   x{rate / base:5.2f} vs eager")
-    _runs.clear()
     return 0
 
 

@@ -30,9 +30,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import dynbatch as db  # noqa: E402
+from benchmarks.handbatched import handbatched_binary_treelstm_loss  # noqa: E402
 from dynbatch.data import sst  # noqa: E402
 from dynbatch.models.tree_lstm import BinaryTreeLSTM  # noqa: E402
-from benchmarks.handbatched import handbatched_binary_treelstm_loss  # noqa: E402
 
 try:
     from tqdm import tqdm

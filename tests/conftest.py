@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-import dynbatch.rules as rules
+from dynbatch.testing import strict as strict_mode
 
 ATOL = 1e-8
 RTOL = 1e-6
@@ -33,13 +33,9 @@ def float64():
 
 @pytest.fixture
 def strict():
-    """A per-example fallback (rules.loop_rule) raises FallbackError instead of running."""
-    old = rules.STRICT
-    rules.STRICT = True
-    try:
+    """Running a batch one example at a time raises FallbackError instead."""
+    with strict_mode():
         yield
-    finally:
-        rules.STRICT = old
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ block, stats. Every result is compared with plain eager PyTorch run one example 
 """
 from __future__ import annotations
 
-import sys
 import types
 
 import pytest
@@ -12,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import dynbatch as db
-from dynbatch.graph import input_ids
 from dynbatch.testing import assert_close, assert_matches_eager
 
 ATOL, RTOL = 1e-8, 1e-6
@@ -206,7 +204,8 @@ def test_autobatch_scope_lazy_then_value():
     assert_real_tensors(outs)
     close(outs, [torch.tanh(lin(torch.tensor(v))) for v in data])
     s = db.stats()
-    assert s.nodes == 15 and s.batches == 3, s
+    # linear and tanh per example (the tensors made in the scope are constants)
+    assert s.nodes == 10 and s.batches == 2, s
 
 
 def test_autobatch_yields_a_run_and_force_structures():
@@ -253,9 +252,9 @@ def test_concrete_values_inside_the_scope_then_still_batched():
     close(v_force, eager_h[7])
     close([y.value for y in ys], [torch.sigmoid(h).sum() for h in eager_h])
     s = db.stats()
-    # 8 examples x (const, linear, tanh, mul, add, sigmoid, sum) + the few reads (the
-    # torch.tensor(i) are immediates, not nodes); per-example execution: ~70 batches
-    assert s.nodes >= 56
+    # 8 examples x (linear, tanh, mul, add, sigmoid, sum) + the few reads (the tensors made
+    # in the scope are constants, not nodes); per-example execution: ~60 batches
+    assert s.nodes >= 48
     assert s.batches <= 16, s
 
 
@@ -379,10 +378,10 @@ def test_tensors_made_inside_traced_code_batch():
     sentences = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [0, 1, 2], [3, 3, 3]]
     assert_matches_eager(fn, sentences, table, w, atol=ATOL, rtol=RTOL)
     s = db.stats()
-    # per step: getitem, matmul, add (+ the zeros; the ids are immediates, not nodes):
-    # 5 x (1 + 3 x 3) nodes
-    assert s.nodes == 5 * 10
-    assert s.batches <= 13, s
+    # per step: the table's row, matmul, add (the zeros and the ids are constants, not
+    # nodes): 5 x 3 x 3 nodes, in a batch per op and step
+    assert s.nodes == 5 * 9
+    assert s.batches <= 9, s
 
 
 def test_parameters_are_shared_not_stacked():
@@ -394,7 +393,7 @@ def test_parameters_are_shared_not_stacked():
 
     assert_matches_eager(fn, vectors(9, 4), W, atol=ATOL, rtol=RTOL)
     s = db.stats()
-    assert s.signatures == 3 and s.batches == 3, s   # const, matmul, sum: one call each
+    assert s.signatures == 2 and s.batches == 2, s   # matmul, sum: one call each
 
 
 # -- blocks --------------------------------------------------------------------------------
@@ -429,7 +428,7 @@ def test_block_on_a_function(strategy):
     U = nn.Parameter(torch.randn(4, 4) * 0.5)
     seqs = seqs_of([1, 3, 2, 4])
     calls = sum(len(s) for s in seqs)
-    consts = calls + len(seqs)                  # the inputs and one zeros per example
+    consts = 0              # the inputs and the zeros are constants, not nodes
 
     def plain(seq, W, U):
         return run_cells(seq, W, U, rnn_cell)
@@ -482,7 +481,7 @@ def test_block_on_modules(how, strategy):
         assert db.block(marked) is marked
     seqs = seqs_of([2, 1, 3, 2])
     calls = sum(len(s) for s in seqs)
-    consts = calls + len(seqs)
+    consts = 0              # the inputs and the zeros are constants, not nodes
     sums = len(seqs)                            # module_loop ends with h.sum()
     assert_matches_eager(module_loop, seqs, marked, atol=ATOL, rtol=RTOL, strategy=strategy)
     assert db.stats().nodes == consts + calls + sums
@@ -519,7 +518,7 @@ def test_block_on_a_method(strategy):
     model = CellOwner()
     seqs = seqs_of([3, 1, 2])
     calls = sum(len(s) for s in seqs)
-    consts = calls + len(seqs)
+    consts = 0              # the inputs and the zeros are constants, not nodes
     assert_matches_eager(method_loop, seqs, model, "cell", atol=ATOL, rtol=RTOL,
                          strategy=strategy)
     assert db.stats().nodes == consts + calls
@@ -537,16 +536,16 @@ def _mixer(m, pair, x, scale, name="mix"):
 @pytest.mark.parametrize("values", [[3], [1, -2, 7], [True, 3], [2 ** 62, -(2 ** 63)], [2.5, 1],
                                     list(range(1000))])
 def test_index_and_word_id_tensors_equal_torch_tensor(values):
-    from dynbatch.execute import _long_tensor
-    got = _long_tensor(values, device=torch.device("cpu"))
+    from dynbatch.plan import index_tensor
+    got = index_tensor(values)
     want = torch.tensor(values, dtype=torch.int64)
     assert got.dtype == torch.int64 and torch.equal(got, want)
 
 
 def test_index_tensor_of_an_int_too_large_fails_as_torch_does():
-    from dynbatch.execute import _long_tensor
+    from dynbatch.plan import index_tensor
     with pytest.raises(Exception) as ours:
-        _long_tensor([2 ** 64])
+        index_tensor([2 ** 64])
     with pytest.raises(Exception) as theirs:
         torch.tensor([2 ** 64], dtype=torch.int64)
     assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
@@ -580,229 +579,6 @@ def test_a_list_changed_after_the_call_is_read_as_it_was(strategy):
                          strategy=strategy, atol=ATOL, rtol=RTOL)
 
 
-def test_block_calls_are_keyed_as_signature_key_keys_them():
-    # NOTE [block calls]: the block path builds its keys inline; a key of another shape
-    # would split one signature in two (or, worse, merge two)
-    from dynbatch import signature, trace
-    lin = nn.Linear(3, 3)
-    calls = []
-    with db.autobatch() as run:
-        x = torch.tanh(torch.randn(3))
-        pair = (x * 2, x * 3)
-        for args, kwargs in [((lin, pair, x, 2.0), {}), ((lin, list(pair), x, 3), {}),
-                             ((lin, pair, x, True), {"name": "other"})]:
-            before = set(run.local_signatures)
-            _mixer(*args, **kwargs)
-            new = set(run.local_signatures) - before
-            calls.append((new, signature.signature_key(_mixer.__dynbatch_block__, args,
-                                                       kwargs, run)[0]))
-        trace.current_run().graph.nodes[:] = []     # nothing to execute
-    for new, key in calls:
-        assert new == {key}
-
-
-def test_one_line_calling_a_block_with_changing_arguments_gets_each_call_its_signature():
-    # NOTE [block calls]: a line remembers its last call's key; a call that differs from
-    # it in any item (1 / 1.0 / True, a shape, another module, list or tuple) must not
-    # reuse that call's signature
-    from dynbatch import signature
-    lins = [nn.Linear(3, 3), nn.Linear(3, 3)]
-    with db.autobatch() as run:
-        x3, x1 = torch.tanh(torch.randn(3)), torch.tanh(torch.randn(1))   # x1 broadcasts
-        calls = [(lins[0], (x3, x3), x3, 1), (lins[0], (x3, x3), x3, 1.0),
-                 (lins[0], (x3, x3), x3, True), (lins[1], (x3, x3), x3, 1),
-                 (lins[0], [x3, x3], x3, 1), (lins[0], (x3, x3), x1, 1),
-                 (lins[0], (x3, x3), x3, 1)]
-        keys = []
-        for args in calls:
-            keys.append(signature.signature_key(_mixer.__dynbatch_block__, args, {}, run)[0])
-            _mixer(*args)                # one line for every call
-        nodes = [n for n in run.graph.nodes if n.fn is _mixer.__dynbatch_block__]
-        assert [n.info for n in nodes] == [run.local_signatures[k] for k in keys]
-        assert len({id(n.info) for n in nodes}) == len(calls) - 1   # the last repeats the first
-        run.graph.nodes[:] = []          # nothing to execute
-
-
-def _graph_as_data(run) -> list:
-    """Every node of a run as comparable data: lazy arguments as (node id, output)."""
-    def arg(a):
-        if type(a) is db.LazyTensor:
-            return ("lazy", a.node.id, a.index, a.tkey)
-        if type(a) in (tuple, list):
-            return (type(a), tuple(arg(x) for x in a))
-        if isinstance(a, torch.Tensor):
-            return ("tensor", a.tolist())
-        return a
-    keys = {id(info): key for key, info in run.local_signatures.items()}
-    return [(n.id, n.fn, n.args and tuple(arg(a) for a in n.args), n.kwargs, n.inputs,
-             n.depth, n.example, n.site, n.info.name, keys.get(id(n.info)), n.info.grad)
-            for n in run.graph.nodes]
-
-
-def _varied_block_calls(lins, cell):
-    """Block calls from one line, repeating and changing: (h, c) pairs of one node,
-    immediates, Python values of three types, two modules, another shape, a list, and
-    the same call under no_grad."""
-    x, x1 = torch.tanh(torch.randn(3)), torch.tanh(torch.randn(1))    # x1 broadcasts
-    pairs = [cell(x * k) for k in range(3)]
-    calls = [(lins[0], pairs[0], x, 1)] * 3 + [(lins[0], pairs[0], x, 2)] * 3 + \
-        [(lins[0], pairs[0], x, 2.0)] * 3 + [(lins[0], pairs[0], x1, 2.0)] * 3 + \
-        [(lins[0], pairs[1], x, 1.0)] * 3 + \
-        [(lins[1], pairs[2], x, True), (lins[0], pairs[0], x, 1)] * 3 + \
-        [(lins[0], (pairs[1][0], pairs[2][0]), torch.tensor(4), 2)] * 3 + \
-        [(lins[1], list(pairs[1]), x, 1)] * 3 + [(lins[0], pairs[0], x, 1)] * 6
-    modes = [torch.enable_grad] * (len(calls) - 3) + [torch.no_grad] * 3
-    out = []
-    for args, mode in zip(calls, modes):
-        with mode():
-            out.append(_mixer(*args))
-    return out
-
-
-def test_site_recorders_record_what_the_general_path_records(monkeypatch):
-    # NOTE [site recorders]: a line whose call repeats gets a recorder; the graph is the
-    # one the general path records, node for node, and the values are eager's
-    from dynbatch import blocks
-    lins = [nn.Linear(3, 3), nn.Linear(3, 3)]
-    cell = db.block(lambda x: (torch.tanh(x), torch.sigmoid(x)))
-    graphs, values = [], []
-    for limit in (100, 0):      # a recorder for every layout met twice in a row; none
-        monkeypatch.setattr(blocks, "_SITE_RECORDERS_PER_LINE", limit)
-        torch.manual_seed(0)
-        with db.autobatch() as run:
-            out = _varied_block_calls(lins, cell)
-            graphs.append(_graph_as_data(run))
-            made = [known[4] for _, calls in run.block_sites.values()
-                    for known in calls.values()]
-            values.append([o.value for o in out])
-        assert (max(made) > 0) == (limit > 0)
-    assert graphs[0] == graphs[1]
-    for a, b in zip(*values):
-        assert torch.equal(a, b)
-    torch.manual_seed(0)
-    eager = _varied_block_calls(lins, lambda x: (torch.tanh(x), torch.sigmoid(x)))
-    for a, b in zip(values[0], eager):
-        torch.testing.assert_close(a, b)
-
-
-def test_a_site_recorder_takes_empty_and_one_item_tuples():
-    # NOTE [site recorders]: layouts with nothing to unpack, or one item, compile and run
-    @db.block
-    def scale(x, none, one, k):
-        return x * k + one[0]
-
-    with db.autobatch():
-        x = torch.tanh(torch.randn(3))
-        out = [scale(x, (), (x,), 2.0) for _ in range(4)]
-        values = [o.value for o in out]
-    for v in values:
-        torch.testing.assert_close(v, x.value * 3.0)
-
-
-def test_a_line_whose_calls_keep_changing_makes_few_recorders():
-    # NOTE [site recorders]: each recorder serves one layout; a line alternating two
-    # modules stops making them after _SITE_RECORDERS_PER_LINE
-    from dynbatch import blocks
-    lins = [nn.Linear(3, 3), nn.Linear(3, 3)]
-    with db.autobatch() as run:
-        x = torch.tanh(torch.randn(3))
-        pair = (x * 2, x * 3)
-        out = [_mixer(lins[k // 2 % 2], pair, x, 1) for k in range(40)]
-        (made,) = [known[4] for _, calls in run.block_sites.values()
-                   for known in calls.values()]
-        assert made == blocks._SITE_RECORDERS_PER_LINE
-        assert len({id(o.node.info) for o in out}) == 2
-        values = [o.value for o in out]
-    for k, v in enumerate(values):
-        torch.testing.assert_close(v, lins[k // 2 % 2](x.value * 2) + x.value * 3 + x.value)
-
-
-def test_a_site_recorder_refuses_a_lazy_tensor_of_another_run():
-    # NOTE [site recorders]: the recorder's guards fail, and the general path says why
-    from dynbatch.errors import MixedRunError
-    lin = nn.Linear(3, 3)
-    with db.autobatch():
-        stale = torch.tanh(torch.randn(3))
-        stale_pair = (stale * 2, stale)
-        stale.value
-    with pytest.raises(MixedRunError):
-        with db.autobatch():
-            x = torch.tanh(torch.randn(3))
-            pair = (x * 2, x)
-            for args in [(lin, pair, x, 1)] * 3 + [(lin, stale_pair, x, 1)]:
-                _mixer(*args)
-
-
-def _varied_op_calls():
-    """Calls from one line that repeat and change: two functions, lazy and Python second
-    arguments (int, float, another value, nan, a bool), another shape, chunk outputs
-    (not first outputs), immediates, a tensor whose tkey is equal but not the same
-    object, an operator on one line too, and the same call under no_grad."""
-    x, x1 = torch.tanh(torch.randn(3)), torch.tanh(torch.randn(1))
-    parts = torch.tanh(torch.randn(6)).chunk(2)
-    same_shape = torch.randn(3)          # a constant: its tkey is a tuple of its own
-    calls = [(torch.mul, x, x)] * 3 + [(torch.mul, x, 2.0)] * 3 + [(torch.mul, x, 2)] * 3 + \
-        [(torch.mul, x, 3)] * 2 + [(torch.add, x, 3)] * 2 + [(torch.mul, x1, 2.0)] * 2 + \
-        [(torch.mul, parts[1], parts[0])] * 3 + [(torch.mul, parts[0], parts[1])] * 2 + \
-        [(torch.mul, x, torch.tensor(4))] * 3 + [(torch.mul, torch.tensor(4), x)] * 2 + \
-        [(torch.sigmoid, x)] * 3 + [(torch.sigmoid, parts[1])] * 2 + \
-        [(torch.mul, x, x)] * 2 + [(torch.mul, x, x1)] * 2 + \
-        [(torch.mul, x, float("nan"))] * 2 + \
-        [(torch.mul, x, True)] * 2 + [(torch.mul, same_shape, 2.0)] * 2 + \
-        [(torch.sigmoid, x)] * 3 + [(torch.mul, x, 2.0)] * 6
-    modes = [torch.enable_grad] * (len(calls) - 3) + [torch.no_grad] * 3
-    out = []
-    for (f, *args), mode in zip(calls, modes):
-        with mode():
-            out.append(f(*args))
-            out.append(args[0] * args[-1])
-    return out
-
-
-def test_op_sites_record_the_graph_the_general_path_does(monkeypatch):
-    # NOTE [op sites]: a line's repeated call skips the key; the graph is the one the
-    # general path records, node for node, and the values are eager's
-    from dynbatch import trace
-    graphs, values, hits = [], [], []
-    remembered = trace._record_as_before
-    counted = [0]
-
-    def counting(*args):
-        out = remembered(*args)
-        counted[0] += out is not None
-        return out
-    for fast in (counting, lambda *args: None):
-        monkeypatch.setattr(trace, "_record_as_before", fast)
-        torch.manual_seed(0)
-        counted[0] = 0
-        with db.autobatch() as run:
-            out = _varied_op_calls()
-            graphs.append(_graph_as_data(run))
-            values.append([o.value for o in out])
-        hits.append(counted[0])
-    assert hits[0] > 20 and hits[1] == 0
-    assert graphs[0] == graphs[1]
-    for a, b in zip(*values):
-        torch.testing.assert_close(a, b, equal_nan=True)
-    torch.manual_seed(0)
-    for a, b in zip(values[0], _varied_op_calls()):
-        torch.testing.assert_close(a, b, equal_nan=True)
-
-
-def test_an_op_site_refuses_a_lazy_tensor_of_another_run():
-    # NOTE [op sites]: the remembered call does not match, and the general path says why
-    from dynbatch.errors import MixedRunError
-    with db.autobatch():
-        stale = torch.tanh(torch.randn(3))
-        stale.value
-    for second in (False, True):
-        with pytest.raises(MixedRunError):
-            with db.autobatch():
-                x = torch.tanh(torch.randn(3))
-                for a in [x, x, x, stale]:
-                    torch.mul(x, a) if second else torch.sigmoid(a)
-
-
 def _linear(ex, m):
     return m(ex)
 
@@ -830,15 +606,16 @@ def _gru(ex, m):
 
 
 @pytest.mark.parametrize("name, module, fn, make, nodes_per_example", [
-    ("Linear", lambda: nn.Linear(4, 5), _linear, lambda i: torch.randn(4), 2),
-    ("Linear-2d", lambda: nn.Linear(4, 5), _linear, lambda i: torch.randn(3, 4), 2),
-    ("Embedding", lambda: nn.Embedding(7, 5), _embedding, lambda i: [i % 7, (i * 3) % 7], 2),
-    ("LayerNorm", lambda: nn.LayerNorm(4), _linear, lambda i: torch.randn(4), 2),
-    ("LSTMCell", lambda: nn.LSTMCell(4, 5), _lstm, lambda i: [torch.randn(4)] * 3, 3 + 2 + 3),
+    # one node per module call: the inputs, the ids and the zeros are constants
+    ("Linear", lambda: nn.Linear(4, 5), _linear, lambda i: torch.randn(4), 1),
+    ("Linear-2d", lambda: nn.Linear(4, 5), _linear, lambda i: torch.randn(3, 4), 1),
+    ("Embedding", lambda: nn.Embedding(7, 5), _embedding, lambda i: [i % 7, (i * 3) % 7], 1),
+    ("LayerNorm", lambda: nn.LayerNorm(4), _linear, lambda i: torch.randn(4), 1),
+    ("LSTMCell", lambda: nn.LSTMCell(4, 5), _lstm, lambda i: [torch.randn(4)] * 3, 3),
     ("LSTMCell-no-state", lambda: nn.LSTMCell(4, 5), _lstm_no_state,
-     lambda i: [torch.randn(4)], 2),
-    ("GRUCell", lambda: nn.GRUCell(4, 5), _gru, lambda i: [torch.randn(4)] * 3, 3 + 1 + 3),
-    ("RNNCell", lambda: nn.RNNCell(4, 5), _gru, lambda i: [torch.randn(4)] * 3, 3 + 1 + 3),
+     lambda i: [torch.randn(4)], 1),
+    ("GRUCell", lambda: nn.GRUCell(4, 5), _gru, lambda i: [torch.randn(4)] * 3, 3),
+    ("RNNCell", lambda: nn.RNNCell(4, 5), _gru, lambda i: [torch.randn(4)] * 3, 3),
 ])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_builtin_blocks(name, module, fn, make, nodes_per_example, strategy):
@@ -861,12 +638,12 @@ def test_stats_fields():
                   "trace_s", "schedule_s", "execute_s", "signatures"):
         assert hasattr(s, field), field
     assert s.examples == 4 and s.strategy == "agenda"
-    assert s.nodes == 12 and s.batches == 3 and s.signatures == 3
+    assert s.nodes == 8 and s.batches == 2 and s.signatures == 2   # linear, sum
     assert s.fallbacks == 0 and s.vmap_batches == 0
     for t in (s.trace_s, s.schedule_s, s.execute_s):
         assert isinstance(t, float) and 0.0 <= t < 60.0
     assert s.nodes_per_batch == pytest.approx(4.0)
-    assert "12 nodes in 3 batches" in str(s)
+    assert "8 nodes in 2 batches" in str(s)
 
 
 def test_empty_minibatch_returns_empty_list():
@@ -910,10 +687,10 @@ def test_nested_batched_inside_a_run():
     s = db.stats()
     assert s.examples == 3
     # the inner calls of all outer examples were batched by the one outer run: one batch
-    # each for the inputs, linear and tanh; the sums of stacks of every length are one
-    # more (NOTE [stacked sums]), and the stacks themselves never run
-    assert s.nodes == 3 * 9 + 3 * 2
-    assert s.batches == 3 + 1, s
+    # each for linear and tanh (the inputs are constants); the sums of stacks of every
+    # length are one more (NOTE [stacked sums]), and the stacks themselves never run
+    assert s.nodes == 2 * 9 + 3 * 2
+    assert s.batches == 2 + 1, s
     # and a nested call inside an autobatch scope joins that scope
     with db.autobatch():
         ys = inner_b([torch.ones(3), torch.zeros(3)], lin)
@@ -967,61 +744,6 @@ def test_dead_code_gives_no_gradient():
     assert_matches_eager(fn, vectors(4, 3), W, v, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("op", ["stack", "cat"])
-@pytest.mark.parametrize("dim", [0, 1, -1])
-def test_stack_and_cat_of_many_members_gather_in_bulk(op, dim, monkeypatch):
-    # torch.stack(losses) over many per-example tensors: the executor gathers all members
-    # in one go (execute._bulk); results and gradients must stay those of eager.
-    from dynbatch import execute
-    calls = []
-    real = execute._bulk
-    monkeypatch.setattr(execute, "_bulk", lambda nodes, d: calls.append(d) or real(nodes, d))
-    W = nn.Parameter(torch.randn(3, 3))
-
-    def fn(n, W):
-        xs = [torch.tanh(W @ torch.full((3,), float(i + n))).reshape(3, 1) for i in range(5)]
-        return getattr(torch, op)(xs, dim=dim).sin()
-    assert_matches_eager(fn, [1, 2, 3], W, atol=ATOL, rtol=RTOL)
-    assert calls, "the bulk path was not taken"
-
-
-def test_bulk_list_signatures_are_what_inference_finds_and_stay_in_their_run(monkeypatch):
-    # NOTE [list signatures stay in their run]: a stack or cat of >= 4 lazy tensors of one
-    # shape gets its signature from the members' shape, not from inference; it must be the
-    # one inference makes, and it is not kept across runs
-    from dynbatch import infer, signature
-    from dynbatch.errors import TraceError
-    cases = [(op, n, dim) for op, dims in (("stack", (0, 1, 2, -1, -3)), ("cat", (0, 1, -2)))
-             for n in (4, 7) for dim in dims]
-
-    def signatures(general: bool):
-        if general:     # no shortcut, nothing cached: inference decides every case
-            monkeypatch.setattr(infer, "_list_signature", lambda *a: None)
-            monkeypatch.setattr(infer, "is_cacheable", lambda key: False)
-        with db.autobatch():
-            x = torch.tanh(torch.randn(2, 3))
-            outs = [getattr(torch, op)([x * float(k) for k in range(n)], dim=dim)
-                    for op, n, dim in cases]
-            infos = [o.node.info for o in outs]
-        monkeypatch.undo()
-        return infos, outs
-    fast, fast_outs = signatures(False)
-    general, general_outs = signatures(True)
-    for case, a, b, ya, yb in zip(cases, fast, general, fast_outs, general_outs):
-        assert (a.kind, a.fn, a.rule, a.outputs, a.structure, a.paths, a.per_example,
-                a.grad, a.name, a.direct) == \
-            (b.kind, b.fn, b.rule, b.outputs, b.structure, b.paths, b.per_example, b.grad,
-             b.name, b.direct), case
-        assert a.direct is not None and a.direct[0] in (infer.BULK_STACK, infer.BULK_CAT)
-        assert ya.shape == yb.shape and ya.value.shape == yb.value.shape, case
-        assert all(info is not a for info in signature.GLOBAL_SIGNATURES.values())
-    for op, dim in (("stack", 3), ("stack", -4), ("cat", 2), ("cat", -3)):
-        with pytest.raises(TraceError, match="IndexError|out of range"):
-            with db.autobatch():
-                x = torch.tanh(torch.randn(2, 3))
-                getattr(torch, op)([x * float(k) for k in range(4)], dim=dim)
-
-
 def _binary_trees(n, seed):
     """Random binary trees as nested pairs of leaf values: children at uneven depths, so a
     cell's inputs lie in several earlier batches."""
@@ -1055,42 +777,6 @@ def _encode_tree(tree, V, W):
     return _tree_leaf(torch.tensor(tree), V)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_alike_inputs_from_several_batches_gather_as_one(strategy, monkeypatch):
-    # NOTE [joint gathers]: (hl, hr) and (cl, cr) each in one gather of 2n rows once the
-    # children lie in several batches; while they lie in one (the leaves), four of n rows.
-    from dynbatch import execute
-    per_batch = []
-    real_run, real_gather = execute.run_batch, execute._gather
-
-    def run_batch(nodes, info):
-        per_batch.append((info.name, len(nodes), []))
-        return real_run(nodes, info)
-
-    def gather(column, memo, in_order):     # every gather, the first column's too
-        if per_batch:
-            per_batch[-1][2].append(len(column))
-        return real_gather(column, memo, in_order)
-
-    monkeypatch.setattr(execute, "run_batch", run_batch)
-    monkeypatch.setattr(execute, "_gather", gather)
-    torch.manual_seed(5)
-    V = nn.Parameter(torch.randn(3))
-    W = nn.Parameter(torch.randn(6, 6) * 0.5)
-
-    def fn(tree, V, W):
-        return _encode_tree(tree, V, W)[0]
-
-    trees = _binary_trees(12, seed=1)
-    per_batch.clear()
-    assert_matches_eager(fn, trees, V, W, atol=ATOL, rtol=RTOL, strategy=strategy)
-    cells = [(n, sizes) for name, n, sizes in per_batch if name.endswith("_tree_cell")]
-    joined = [(n, sizes) for n, sizes in cells if sizes == [2 * n, 2 * n]]
-    assert joined, cells
-    assert all(sizes in ([2 * n, 2 * n], [n] * 4) for n, sizes in cells), cells
-    assert cells[0][1] == [cells[0][0]] * 4     # the first cells read only leaves: one batch
-
-
 def test_joined_columns_may_read_different_outputs_row_by_row():
     # Two alike columns are joined when the first one's rows come from several batches;
     # within a column each row may name another output of its node (a or b here).
@@ -1111,93 +797,6 @@ def test_joined_columns_may_read_different_outputs_row_by_row():
         return combine(p[i % 2], p[0]) + combine(p[0], p[1 - i % 2])
 
     assert_matches_eager(fn, [0, 1, 2, 3, 4, 5], W, atol=ATOL, rtol=RTOL)
-
-
-def _plans_by_batch(monkeypatch):
-    """[(batch name, gather plans)] of every batch run: 0 a zero-copy slice, 1 an
-    index_select, "cat" sources joined in order, "cat+reorder" joined and reordered."""
-    from dynbatch import execute
-    runs = []
-    real_run, real_apply = execute.run_batch, execute._apply
-
-    def run_batch(nodes, info):
-        runs.append((info.name, []))
-        return real_run(nodes, info)
-
-    def apply(plan, index):
-        runs[-1][1].append(plan[0] if plan[0] != execute._MANY
-                           else "cat" if plan[2] is None else "cat+reorder")
-        return real_apply(plan, index)
-
-    monkeypatch.setattr(execute, "run_batch", run_batch)
-    monkeypatch.setattr(execute, "_apply", apply)
-    return runs
-
-
-def test_a_batch_of_several_outputs_takes_them_one_after_the_other(monkeypatch):
-    # NOTE [row order]: sigmoid of i, f, o of each example's chunk() is one batch. Its
-    # members, released example by example, interleave the three outputs; ordered by
-    # output instead, its input is the three outputs joined as they are, and each mul or
-    # add after it finds its rows in order: no gather copies a row.
-    runs = _plans_by_batch(monkeypatch)
-    W = nn.Parameter(torch.randn(12, 4, dtype=torch.float64))
-
-    def gates(x, W):
-        i, f, o = (W @ x).chunk(3)
-        return torch.sigmoid(i) * torch.sigmoid(f) + torch.sigmoid(o)
-
-    xs = [torch.randn(4, dtype=torch.float64) for _ in range(6)]
-    assert_matches_eager(gates, xs, W, atol=ATOL, rtol=RTOL)
-    plans = [plan for _, ps in runs for plan in ps]
-    assert "cat" in plans and set(plans) == {0, "cat"}, runs
-
-
-def test_a_batch_takes_the_row_order_of_its_first_input(monkeypatch):
-    # NOTE [row order]: a * b is released as each example's chain of sigmoids ends, so its
-    # members come shortest chain first while their a rows lie in example order: reordered
-    # by a's rows, the batch reads a as it lies (a slice), not through an index_select.
-    runs = _plans_by_batch(monkeypatch)
-    W = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
-
-    def chain(example, W):
-        x, length = example
-        a = torch.tanh(W @ x)
-        b = x
-        for _ in range(length):
-            b = torch.sigmoid(b)
-        return a * b
-
-    examples = [(torch.randn(4, dtype=torch.float64), n) for n in (3, 1, 2, 1, 3, 2)]
-    assert_matches_eager(chain, examples, W, atol=ATOL, rtol=RTOL)
-    (mul_plans,) = [ps for name, ps in runs if name == "Tensor.__mul__"]
-    assert mul_plans[0] == 0, runs       # a: a slice of tanh's output
-
-
-def test_block_nodes_list_each_input_node_once_and_no_immediates():
-    # NOTE [block edges]: the scheduler sees (h, c) of one node as one edge and no edge for
-    # a word id; the depth still counts the immediate, and the values are eager's.
-    @db.block
-    def split(x):
-        return torch.tanh(x), torch.sigmoid(x)
-
-    @db.block
-    def merge(pair, y):
-        a, b = pair
-        return a * b + y
-
-    with db.autobatch() as run:
-        pairs = [split(torch.tensor(v)) for v in (0.5, -1.0, 2.0)]
-        outs = [merge(p, torch.tensor(3.0)) for p in pairs]
-        assert [input_ids(p[0].node) for p in pairs] == [(), (), ()]
-        assert [p[0].node.depth for p in pairs] == [1, 1, 1]
-        assert [input_ids(o.node) for o in outs] == [(p[0].node.id,) for p in pairs]
-        run.graph.lint()
-        outs[0].item()          # executes them all: their arguments are dropped
-        run.graph.lint()
-    for v, o in zip((0.5, -1.0, 2.0), outs):
-        x = torch.tensor(v)
-        torch.testing.assert_close(o.value, torch.tanh(x) * torch.sigmoid(x) + 3.0)
-    assert db.stats().batches == 2
 
 
 def test_an_immediate_read_by_several_batches_and_returned():
@@ -1223,33 +822,6 @@ def test_an_immediate_read_by_several_batches_and_returned():
     torch.testing.assert_close(grad, emb.weight.grad)
 
 
-def test_equal_ints_share_one_immediate_and_results_stay_apart():
-    # NOTE [shared immediates]: one lazy tensor per int per run, read like any other; a
-    # read fills it, and later columns still make it from its value; results do not alias.
-    emb = nn.Embedding(10, 3)
-
-    def f(i):
-        t = torch.tensor(i)
-        return emb(t) * 2, t
-
-    with db.autobatch() as run:
-        a, b, c = torch.tensor(4), torch.tensor(4), torch.tensor(5)
-        assert a is b and c is not a and c.node is not a.node
-        assert a.item() == 4                  # filled now
-        rows = [emb(t) for t in (c, a, b, c)]
-        values = [r.value for r in rows]
-    for r, i in zip(values, (5, 4, 4, 5)):
-        torch.testing.assert_close(r, emb(torch.tensor(i)))
-
-    ids = [4, 0, 4]
-    outs = db.batched(f)(ids)
-    assert outs[0][1] is not outs[2][1]
-    outs[0][1].add_(1)                        # eager's results are tensors of their own
-    assert [t.item() for _, t in outs] == [5, 0, 4]
-    for (e, _), i in zip(outs, ids):
-        torch.testing.assert_close(e, emb(torch.tensor(i)) * 2)
-
-
 @pytest.mark.parametrize("drop", [
     lambda x: F.dropout(x, 0.0, True),
     lambda x: F.dropout(x, p=0.5, training=False),
@@ -1273,7 +845,7 @@ def test_a_dropout_that_drops_nothing_returns_its_input(drop):
     xs = [torch.randn(3, dtype=torch.float64) for _ in range(4)]
     assert_matches_eager(fn, xs, W, atol=ATOL, rtol=RTOL)
     assert seen == [True] * 8          # eager's four, then the trace's four
-    assert db.stats().nodes == 4 * 4   # x, W @ x, tanh, * 2: no dropout node
+    assert db.stats().nodes == 3 * 4   # W @ x, tanh, * 2: no dropout node
 
 
 @pytest.mark.parametrize("hooked", ["forward_hook", "forward_pre_hook", "global_hook",
@@ -1305,14 +877,14 @@ def test_a_dropout_module_that_drops_nothing_still_runs_what_eager_runs(hooked):
         if handle is not None:
             handle.remove()
     assert len(calls) == 8                  # eager's four, then the trace's four
-    assert db.stats().nodes == 5 * 4        # x, W @ x, tanh, the hook's * 3, * 2
+    assert db.stats().nodes == 4 * 4        # W @ x, tanh, the hook's * 3, * 2
 
 
 def test_a_dropout_module_that_drops_still_drops():
     torch.manual_seed(0)
     drop = nn.Dropout(0.5)
     outs = db.batched(lambda x: drop(torch.tanh(x)))([torch.ones(100) for _ in range(8)])
-    assert db.stats().nodes == 3 * 8                  # x, tanh, dropout
+    assert db.stats().nodes == 2 * 8                  # tanh, dropout
     values = torch.stack(outs)
     kept = values != 0
     assert 0.3 < kept.float().mean() < 0.7
@@ -1328,127 +900,9 @@ def test_a_dropout_that_drops_is_still_batched():
         return F.dropout(torch.tanh(W @ x), 0.5, True).sum()
 
     outs = db.batched(fn)([torch.ones(3) for _ in range(64)], W)
-    assert db.stats().nodes == 5 * 64 and db.stats().batches <= 5
+    assert db.stats().nodes == 4 * 64 and db.stats().batches <= 4
     torch.stack(outs).sum().backward()
     assert W.grad is not None and W.grad.abs().sum() > 0
-
-
-def test_nodes_of_one_signature_share_one_dict_of_plain_keywords():
-    # append_node: plain keyword values are part of the key, so every node of a signature
-    # has the same ones; they keep one dict, not one each. Lazy keyword values stay per node.
-    def f(x, y):
-        a = torch.cat([x, y], dim=0)
-        b = torch.cat([x, y], dim=-1)
-        c = torch.add(x, other=y, alpha=2.0)
-        return a.sum() + b.sum() + c.sum()
-
-    xs = [torch.randn(3) for _ in range(4)]
-    ys = [torch.randn(3) for _ in range(4)]
-    with db.autobatch() as run:
-        # per-example data made inside the scope: lazy, so f records nodes
-        outs = [f(torch.tensor(x.tolist()), torch.tensor(y.tolist())) for x, y in zip(xs, ys)]
-        cats = [n for n in run.graph.nodes if getattr(n.fn, "__name__", "") == "cat"]
-        adds = [n for n in run.graph.nodes if getattr(n.fn, "__name__", "") == "add"]
-        by_dim = {}
-        for n in cats:
-            by_dim.setdefault(n.kwargs["dim"], []).append(n)
-        assert sorted(by_dim) == [-1, 0] and all(len(v) == 4 for v in by_dim.values())
-        for group in by_dim.values():
-            assert all(n.kwargs is group[0].kwargs for n in group)
-        assert by_dim[0][0].kwargs is not by_dim[-1][0].kwargs
-        assert len(adds) == 4 and len({id(n.kwargs) for n in adds}) == 4   # y is lazy
-        values = [o.value for o in outs]
-    for x, y, v in zip(xs, ys, values):
-        torch.testing.assert_close(v, f(x, y))
-
-
-def test_lean_nodes_take_their_function_from_the_signature():
-    # NOTE [lean nodes]: a node without keywords whose function is its signature's keeps
-    # neither (16 bytes a node); the others are CallNodes and keep both. A plain node keeps
-    # no arguments either, nor an example index: a Node is 96 bytes, an ArgsNode 112
-    from dynbatch.graph import ArgsNode, CallNode, Node
-
-    def f(x):
-        h = torch.tanh(x * 2.0)
-        return torch.cat([h, torch.sigmoid(h)], dim=0).sum()
-
-    xs = [torch.randn(3) for _ in range(3)]
-    with db.autobatch() as run:
-        outs = [f(torch.tensor(x.tolist())) for x in xs]
-        nodes = run.graph.nodes
-        plain = [n for n in nodes if type(n) is Node]
-        kept = [n for n in nodes if type(n) is ArgsNode]
-        called = [n for n in nodes if type(n) is CallNode]
-        assert len(plain) + len(kept) + len(called) == len(nodes)
-        assert {getattr(n.fn, "__name__", None) for n in called} == {"cat"}
-        assert all(n.kwargs == {"dim": 0} for n in called)
-        assert all(n.kwargs is None and n.fn is n.info.fn for n in plain + kept)
-        assert all(n.args is None for n in plain) and all(n.args for n in kept)
-        assert len(plain) >= 4 * 3 and kept
-        assert sys.getsizeof(plain[-1]) < sys.getsizeof(kept[0]) < sys.getsizeof(called[0])
-        values = [o.value for o in outs]
-    for x, v in zip(xs, values):
-        torch.testing.assert_close(v, f(x))
-
-
-def test_a_block_call_on_one_first_output_keeps_no_arguments():
-    # NOTE [plain blocks]: self.W(x) keeps inputs and its signature's template, not its
-    # argument tuple and lazy tensor; a second output, or two lazy arguments, keep them
-    torch.manual_seed(0)
-    lin = nn.Linear(4, 3)
-
-    def f(x):
-        first, second = torch.chunk(torch.tanh(x), 2)
-        return (lin(first) * 2.0).sum() + lin(second).sum() + lin(first + second).sum()
-
-    xs = [torch.randn(8) for _ in range(3)]
-    with db.autobatch() as run:
-        outs = [f(torch.tensor(x.tolist())) for x in xs]
-        calls = [n for n in run.graph.nodes if n.fn is lin]
-        assert len(calls) == 9
-        plain = [n for n in calls if n.args is None]
-        assert len(plain) == 6                    # lin(first) and lin(first + second)
-        assert all(run.templates[n.info] == (None,) for n in plain)
-        assert all(n.args is not None and n.args[0].index == 1 for n in calls
-                   if n.args is not None)
-        run.graph.lint()
-        values = [o.value for o in outs]
-    _assert_sum_and_gradients_match_eager(values, f, xs, lin)
-
-
-def test_plain_nodes_may_read_later_outputs_of_their_inputs():
-    # NOTE [indexed plain nodes]: sigmoid(f) of `i, f, o = gates.chunk(3)` keeps no
-    # argument tuple and no lazy tensor; its row holds the output it reads, until it runs
-    from dynbatch import execute
-    from dynbatch.graph import input_index
-
-    torch.manual_seed(0)
-    lin = nn.Linear(4, 6)
-
-    def f(x):
-        i, g, o = lin(x).chunk(3)
-        h = torch.sigmoid(i) * torch.tanh(g) + torch.sigmoid(o) * 2.0
-        return (h * o).sum() + (g * 3.0).sum()    # (h, o): output 0 of one, 2 of another
-
-    xs = [torch.randn(4) for _ in range(3)]
-    with db.autobatch() as run:
-        outs = [f(torch.tensor(x.tolist())) for x in xs]
-        nodes = run.graph.nodes
-        chunks = {n.id for n in nodes if getattr(n.fn, "__name__", "") == "chunk"}
-        readers = [n for n in nodes if any(j in chunks for j in input_ids(n))]
-        assert len(readers) == 3 * 5        # sigmoid(i), tanh(g), sigmoid(o), h * o, g * 3
-        assert all(n.args is None for n in readers)
-        indices = sorted({(getattr(n.fn, "__name__", ""), k, input_index(n, k))
-                          for n in readers for k, j in enumerate(input_ids(n)) if j in chunks})
-        assert ("sigmoid", 0, 0) in indices and ("sigmoid", 0, 2) in indices
-        assert ("tanh", 0, 1) in indices and ("__mul__", 1, 2) in indices
-        sig_o = next(n for n in readers if n.fn.__name__ == "sigmoid" and input_index(n, 0))
-        assert sig_o.info.indexed
-        rebuilt = execute.node_args(sig_o)          # what error recovery runs the node on
-        assert rebuilt[0].index == 2 and rebuilt[0].node.id in chunks
-        run.graph.lint()
-        values = [o.value for o in outs]
-    _assert_sum_and_gradients_match_eager(values, f, xs, lin)
 
 
 def _assert_sum_and_gradients_match_eager(values, f, xs, module):

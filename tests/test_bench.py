@@ -203,6 +203,49 @@ def test_interleaving_check_prints_both_ways(tiny_sst: Path, capsys):
         assert "median" in line and "range" in line and "hand" in line
 
 
+def _dynbatch_bindings() -> dict:
+    """Every function bound in a loaded dynbatch module, by (module, name)."""
+    import sys
+    return {(k, name): v for k, m in list(sys.modules.items())
+            if m is not None and (k == "dynbatch" or k.startswith("dynbatch."))
+            for name, v in list(vars(m).items()) if callable(v)}
+
+
+def _unchanged(before: dict) -> bool:
+    """Whether every binding of ``before`` is still the same object (modules loaded since
+    may add more)."""
+    after = _dynbatch_bindings()
+    return all(after.get(k) is v for k, v in before.items())
+
+
+def test_time_split_wraps_every_binding_and_puts_it_back():
+    # benchmarks/time_split.py splits the engine's timings by wrapping its pipeline
+    # functions from the outside: every binding (``from .x import f`` too), restored after;
+    # a function that is not there is reported, not fatal.
+    import sys
+    import types
+    spec = importlib.util.spec_from_file_location("time_split",
+                                                  ROOT / "benchmarks" / "time_split.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    home, user = types.ModuleType("dynbatch._ts_home"), types.ModuleType("dynbatch._ts_user")
+    home.f = user.g = lambda x: x + 1
+    original = home.f
+    calls = []
+    sys.modules.update({home.__name__: home, user.__name__: user})
+    try:
+        with mod.Patches() as patches:
+            assert patches.wrap("dynbatch._ts_home:f", lambda fn: lambda x: calls.append(x)
+                                or fn(x))
+            assert not patches.wrap("dynbatch._ts_home:absent", lambda fn: fn)
+            assert not patches.wrap("dynbatch._ts_nowhere:f", lambda fn: fn)
+            assert home.f(1) == user.g(2) - 1 == 2 and calls == [1, 2]
+        assert home.f is original and user.g is original
+        assert patches.missing == ["dynbatch._ts_home:absent", "dynbatch._ts_nowhere:f"]
+    finally:
+        del sys.modules[home.__name__], sys.modules[user.__name__]
+
+
 def test_time_split_reports_every_phase(tiny_sst: Path, capsys):
     # benchmarks/time_split.py: the one-change instrument. Only its report's shape is
     # checked; the numbers are timings.
@@ -210,46 +253,56 @@ def test_time_split_reports_every_phase(tiny_sst: Path, capsys):
                                                   ROOT / "benchmarks" / "time_split.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    from dynbatch import execute
-    run_batch, gather = execute.run_batch, execute.gather
-    mod.main(["--sst-dir", str(tiny_sst), "--batch", "4", "--minibatches", "1",
-              "--rounds", "1"])
-    assert (execute.run_batch, execute.gather) == (run_batch, gather)   # unpatched after
+    before = _dynbatch_bindings()
+    mod.main(["--sst-dir", str(tiny_sst), "--batch", "4", "--minibatches", "2",
+              "--rounds", "2"])
+    assert _unchanged(before)                                           # unpatched after
     out = capsys.readouterr().out
     assert "hand " in out and "dynbatch-blocks-agenda " in out
-    assert "trace" in out and "schedule" in out and "execute" in out
-    for name in ("BinaryTreeLSTM.leaf", "BinaryTreeLSTM.node", "BinaryTreeLSTM.node_loss"):
-        assert name in out
+    assert "forward" in out and "backward" in out
+    for phase in ("trace", "set-up, results, close"):
+        assert f"    {phase} " in out, out
+    # each phase the engine's timings cover is split, or the function it needs is named
+    missing = out.split("not found, so not split: ")[1] if "not found" in out else ""
+    if "dynbatch.schedule:schedule" in missing or "dynbatch.plan:build" in missing:
+        assert "    schedule + plan " in out
+    else:
+        assert "    schedule " in out and "    plan " in out, out
+    if "dynbatch.gather:gather_inputs" in missing or "dynbatch.execute:execute" in missing:
+        assert "    execute " in out
+    else:
+        assert "    gather " in out and "    batched calls " in out, out
+        for name in ("BinaryTreeLSTM.leaf", "BinaryTreeLSTM.node", "BinaryTreeLSTM.node_loss"):
+            assert name in out
     # --profile: ATen time per implementation and the bytes tracing allocates per node
-    from dynbatch import api
-    execute_pending = api.execute_pending
+    before = _dynbatch_bindings()
     mod.main(["--sst-dir", str(tiny_sst), "--batch", "4", "--minibatches", "1", "--profile"])
-    assert api.execute_pending is execute_pending                         # unpatched after
+    assert _unchanged(before)                                           # unpatched after
     out = capsys.readouterr().out
     assert out.count("ATen self time") == 2
-    per_node = int(out.split("tracing allocates ")[1].split()[0])
-    assert 50 < per_node < 5000, out
-    # per-op code: the run lets go of most batch outputs it makes (NOTE [freeing])
-    store, close = execute._store, api._close
+    per_node = out.split("tracing allocates ")[1].split()[0]
+    assert per_node == "n/a" or 50 < int(per_node) < 5000, out
+    # per-op code: the run lets go of most batch outputs it makes
     mod.main(["--sst-dir", str(tiny_sst), "--batch", "4", "--minibatches", "1", "--profile",
               "--impl", "dynbatch-agenda"])
-    assert (api.execute_pending, execute._store, api._close) == (execute_pending, store, close)
+    assert _unchanged(before)
     out = capsys.readouterr().out
     assert out.count("Python memory peak over the forward") == 2
     saved = [float(part.split()[0]) for part in out.split("tensors saved for backward ")[1:]]
     assert len(saved) == 2 and all(x > 0 for x in saved), out
-    made = float(out.split("batch outputs made ")[1].split()[0])
-    held = float(out.split("still held when the run closes ")[1].split()[0])
-    assert held < made, out            # equal before NOTE [freeing]
+    if "not measured" not in out:
+        made = float(out.split("batch outputs made ")[1].split()[0])
+        held = float(out.split("still held when the run closes ")[1].split()[0])
+        assert held < made, out
 
 
 def test_memory_phases_reports_each_phase_of_a_step(tiny_sst: Path, capsys):
     # benchmarks/memory_phases.py: resident memory by phase; only the report's shape
     from benchmarks import memory_phases
-    from dynbatch import api
-    execute_pending = api.execute_pending
+    from dynbatch import session
+    execute = session.Run.execute
     memory_phases.main(["--sst-dir", str(tiny_sst), "--batch", "4", "--tiny"])
-    assert api.execute_pending is execute_pending                         # unpatched after
+    assert session.Run.execute is execute                                 # unpatched after
     steps = [line for line in capsys.readouterr().out.splitlines()
              if line.strip().startswith("step ")]
     assert len(steps) == 3
@@ -267,69 +320,106 @@ def _in_git_checkout() -> bool:
         return False
 
 
+def test_ab_rewrites_absolute_dynbatch_imports_only():
+    # benchmarks/ab.py loads a revision's dynbatch/ as dynbatch_ab_old: its absolute imports
+    # must name the copy (and code naming ``dynbatch`` after ``import dynbatch.x`` must find
+    # it); relative imports, other packages and docstrings are left alone.
+    from benchmarks.ab import rewrite_imports
+    src = ('"""import dynbatch"""\nimport dynbatch as db\nimport torch, dynbatch.api  # c\n'
+           'from dynbatch.data import (sst,\n    vocab)\nfrom . import trace\n'
+           'import dynbatchx\ndef f():\n    import dynbatch.rules\n    return dynbatch.rules\n')
+    assert rewrite_imports(src, "old") == (
+        '"""import dynbatch"""\nimport old as db\nimport torch, old.api  # c\ndynbatch = old\n'
+        'from old.data import (sst,\n    vocab)\nfrom . import trace\n'
+        'import dynbatchx\ndef f():\n    import old.rules\n    dynbatch = old\n'
+        '    return dynbatch.rules\n')
+
+
 @pytest.mark.skipif(not _in_git_checkout(), reason="benchmarks/ab.py reads old code from git")
-def test_ab_runs_a_revisions_functions_against_the_trees_and_restores_them(tiny_sst: Path,
-                                                                           capsys):
-    # benchmarks/ab.py: old and new versions in one process. Checked: the old function is
-    # the revision's code bound to the live module (so it calls what the new code calls),
-    # the live one is back afterwards, and the report names every phase.
-    from benchmarks import ab
-    from dynbatch import blocks, schedule
-    live = blocks.record_block
-    [(module, name, old, new)] = ab.old_functions("dynbatch.blocks:record_block", "HEAD")
-    assert (module, name, new) == (blocks, "record_block", live)
-    assert old is not live and old.__globals__ is vars(blocks)
-    [(_, _, old_agenda, _)] = ab.old_functions("dynbatch.schedule:agenda_schedule", "HEAD")
-    sigs, inputs = ["a", "a", "b"], [(), (), (0, 1)]
-    assert old_agenda(sigs, inputs, None) == schedule.agenda_schedule(sigs, inputs, None)
-    [(_, _, old_batched, _)] = ab.old_functions("dynbatch.api:batched", "HEAD")
-    assert old_batched.__kwdefaults__ == {"strategy": "agenda"}     # keyword-only defaults
-    with pytest.raises(SystemExit, match="no_such_function"):
-        ab.old_functions("dynbatch.blocks:no_such_function", "HEAD")
-    ab.main(["dynbatch.blocks:record_block", "--sst-dir", str(tiny_sst), "--batch", "2",
-             "--rounds", "1"])
-    assert blocks.record_block is live
-    out = capsys.readouterr().out
-    for part in ("forward", "trace", "schedule", "execute"):
-        assert f"  {part} " in out and "new/old" in out
-    # any task: the standard library's ASTs need no data directory
-    ab.main(["dynbatch.execute:execute_pending", "--task", "ast", "--impl", "dynbatch-agenda",
-             "--batch", "2", "--rounds", "1"])
-    assert capsys.readouterr().out.startswith("ast dynbatch-agenda train, B=2")
+@pytest.mark.parametrize("flags", [["--mode", "train"], ["--impl", "blocks", "--mode", "infer"]])
+def test_ab_runs_a_revision_against_the_working_tree(tiny_sst: Path, tmp_path: Path, flags):
+    # The whole tool in its own process, HEAD against the working tree, on tiny SST-format
+    # trees: both versions compute the same thing, and it reports the ratio to quote.
+    import subprocess
+    import sys
+    out = tmp_path / "ab.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "--rev", "HEAD", "--tiny",
+         "--sst-dir", str(tiny_sst), "--batch", "4", "--minibatches", "2", "--rounds", "1",
+         "--json", str(out), *flags], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "new/old step time: median " in done.stdout and "over 2 pairs" in done.stdout
+    assert "WARNING" not in done.stdout, done.stdout
+    result = json.loads(out.read_text())
+    assert result["agree"] and result["ratio"]["pairs"] == 2 and result["ratio"]["median"] > 0
+    for version in ("old", "new"):
+        assert result[version]["step_ms_min"] > 0 and "trace_ms_median" in result[version]
+
 
 
 def test_where_sorts_profiler_samples_into_the_parts_of_a_step():
     # benchmarks/where.py: py-spy's samples of the step loop -> shares of a step. The
-    # sorting is checked on made-up stacks (py-spy itself is optional, and not run here).
+    # sorting is checked on made-up stacks (py-spy itself is optional, and not run here),
+    # and lines of source made up with them: by files, never the engine's own text.
     from benchmarks import where
-    source = (ROOT / "dynbatch" / "execute.py").read_text().splitlines()
-    store_line = 1 + next(i for i, t in enumerate(source) if t.strip() == "node.batch = out")
+    lines = {("dynbatch/gather.py", 23): "out = src.index_select(0, rows)",
+             ("dynbatch/gather.py", 41): "for spec, ks in step.gathers:",
+             ("dynbatch/rules/normalize.py", 75): "return self.fn(*args, **kwargs)",
+             ("dynbatch/rules/normalize.py", 74): "args = [kwargs.pop(n) for n in names]",
+             ("dynbatch/trace.py", 99): "node = Node(len(nodes), sig, inputs)"}
+
+    def read_line(path, line):
+        return lines.get((path, line), "")
+
     loop = ("<module> (benchmarks/where.py:150);main (benchmarks/where.py:131);"
             "main.<locals>.step_loop (benchmarks/where.py:118);")
     run = (loop + "TorchRunner.train_step (benchmarks/harness.py:160);"
-           "_Batched.__call__ (dynbatch/api.py:92);run_batched (dynbatch/api.py:145);")
-    execute = run + "execute_pending (dynbatch/execute.py:99);run_batch (dynbatch/execute.py:192);"
+           "_Batched.__call__ (dynbatch/api.py:92);run_batched (dynbatch/api.py:145);"
+           "Run.finish (dynbatch/session.py:300);Run._execute (dynbatch/session.py:170);")
+    execute = run + "execute (dynbatch/execute.py:43);"
+    example = ("Run.trace_examples.<locals>.trace_one (dynbatch/session.py:250);"
+               "_tree_loss (benchmarks/tasks.py:127);"
+               "BinaryTreeLSTM.forward (dynbatch/models/tree_lstm.py:80);")
     samples = {
         loop + "Tensor.backward (torch/_tensor.py:625);_engine_run_backward "
                "(torch/autograd/graph.py:979)": "backward",
         loop + "Adam.step (torch/optim/adam.py:238)": "optimizer",
-        "_trace_examples.<locals>.trace_one (dynbatch/api.py:171);record_block "
-        "(dynbatch/blocks.py:147)": "dynbatch: trace (model code and recording)",
-        run + "execute_pending (dynbatch/execute.py:69);agenda_schedule "
-              "(dynbatch/schedule.py:80)": "dynbatch: schedule",
-        execute + f"_store (dynbatch/execute.py:{store_line})": "dynbatch: execute bookkeeping",
-        execute + "replay (<dynbatch block BinaryTreeLSTM.node>:21)": "batched torch work",
-        execute + "replay (<dynbatch block X>:3);_hot_wrapper.<locals>.hot "
-                  "(dynbatch/trace.py:172)": "batched torch work",
+        example + "BinaryTreeLSTM._encode (dynbatch/models/tree_lstm.py:60)":
+            "dynbatch: trace, model code",
+        example + "block_call (dynbatch/blocks.py:147);record (<dynbatch call site>:3)":
+            "dynbatch: trace, recording",
+        example + "hot (dynbatch/intercept.py:150);Tracer.record (dynbatch/trace.py:99)":
+            "dynbatch: trace, recording",
+        run + "schedule (dynbatch/schedule.py:40);agenda_schedule (dynbatch/schedule.py:80)":
+            "dynbatch: schedule",
+        run + "build (dynbatch/plan.py:90);index_tensor (dynbatch/plan.py:70)": "dynbatch: plan",
+        execute + "gather_inputs (dynbatch/gather.py:42);gather (dynbatch/gather.py:23)":
+            "dynbatch: execute, gathering inputs (torch)",
+        execute + "gather_inputs (dynbatch/gather.py:41)": "dynbatch: execute bookkeeping",
+        execute + "replay (<dynbatch block BinaryTreeLSTM.node>:8);"
+                  "Linear.forward (torch/nn/modules/linear.py:134)": "batched torch work",
+        execute + "replay (<dynbatch block X>:3)": "batched torch work",
+        execute + "PositionalCall.__call__ (dynbatch/rules/normalize.py:75)":
+            "batched torch work",
+        execute + "PositionalCall.__call__ (dynbatch/rules/normalize.py:74)":
+            "dynbatch: execute bookkeeping",
+        run + "Run.close (dynbatch/session.py:116)":
+            "dynbatch: run set-up, switching examples, results, close",
         loop + "TorchRunner.train_step (benchmarks/harness.py:160);"
                "handbatched_binary_treelstm_loss (benchmarks/handbatched.py:80)":
             "forward (not dynbatch)",
         "<module> (benchmarks/where.py:123);import_module (importlib/__init__.py:126)": None,
+        "": None,
     }
     for stack, expected in samples.items():
-        assert where.category(stack) == expected, stack
-    # an example's trace runs in its own greenlet, whose stacks start at this function
-    assert "def trace_one(" in (ROOT / "dynbatch" / "api.py").read_text()
-    counts, total = where.shares([f"{stack} 3" for stack in samples] + ["", "garbage"])
-    assert total == 3 * (len(samples) - 1)
-    assert counts["batched torch work"] == 6 and counts["backward"] == 3
+        assert where.category(stack, read_line) == expected, stack
+    assert set(samples.values()) - {None} == set(where.CATEGORIES)
+    for text, calls in (("n = len(a) + max(b, c)", False), ("d.get(k).append(x)", False),
+                        ("if (a and b):", False), ("out = src.index_select(0, rows)", True),
+                        ("return fn(*args)", True), ("parts = v.split(3)", True),
+                        ("x = torch.cat(xs)", True), ("store[k] = None", False)):
+        assert where.calls_out(text) is calls, text
+    counts, total = where.shares([f"{stack} 3" for stack in samples] + ["", "garbage"],
+                                 read_line)
+    assert total == 3 * (len(samples) - 2)
+    assert counts["batched torch work"] == 9 and counts["backward"] == 3

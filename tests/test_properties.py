@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import dynbatch as db
+from dynbatch.lazy import current
 from dynbatch.testing import assert_matches_eager
 
 ATOL, RTOL = 1e-8, 1e-6
@@ -205,13 +206,12 @@ def test_each_op_over_random_trees(name, strict):
 
 def test_op_vocabulary_is_wide():
     # one program chaining every op once reaches more than 25 different torch callables
-    from dynbatch import trace
     used = set()
     fn = make_fn([(name, (i + 1,) * OPS[name][0]) for i, name in enumerate(OPS)])
 
     def spy(tree, P):
         out = fn(tree, P)
-        used.update(n.fn for n in trace.current_run().graph.nodes if n.fn is not None)
+        used.update(n.sig.fn for n in current.tracer.graph.nodes)
         return out
     torch.manual_seed(0)
     db.batched(spy)([random_tree(random.Random(0), 3)], Params(4))
