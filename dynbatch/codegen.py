@@ -147,6 +147,7 @@ def site_recorder(fn, args, sig, site, kwargs=None):
         lines.extend([f"n{k} = {name}.node", f"if n{k}.owner is not tracer:", "    return None"])
     ids = ", ".join(f"n{k}.id" for k in range(len(lazies)))
     idx = ", ".join(f"{name}.index" for name in lazies)
+    # Tracer.append, inlined: the recorder is the hot path's hot path
     lines.extend([f"inputs = ({ids},)", f"outs = _outs_of(({idx},))",
                   "nodes = tracer.graph.nodes",
                   "node = _Node(len(nodes), _sig, inputs, outs, _site, tracer)",

@@ -9,8 +9,8 @@ turn lazy results into real tensors; close. Closing always restores what the run
 NOTE [reads]: reading a value (``int(x)``, ``x.item()``, a data-dependent op) in
 per-example code needs the pending work it depends on executed. The example is suspended
 until every other example has run to a read or to its end; then everything pending that
-anything needs executes, batched, and the suspended examples resume. A greenlet switch
-costs about a microsecond, and torch's thread-local state (grad mode, the torch-function
+anything needs executes, batched, and the suspended examples resume. Greenlets, not
+threads: a switch is cheap, and torch's thread-local state (grad mode, the torch-function
 mode stack) stays one thread's; each example keeps its own grad mode, autocast and default
 dtype across a suspension.
 """

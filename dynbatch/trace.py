@@ -82,18 +82,13 @@ class Tracer:
                 self.signatures[key] = sig
         if sig.kind is not OP:
             return self.special(sig, fn, args, kwargs)
-        nodes = self.graph.nodes
         # the user's line: the caller of a Tensor method, or one frame further for a hot
         # wrapper or the mode, or more through torch's own Python (user_site walks on)
         site = user_site(2)
-        node = Node(len(nodes), sig, inputs, outs, site, self)
-        nodes.append(node)
-        if sig.view:
-            self.viewed.update(inputs)
+        out = self.append(sig, inputs, outs, site)
         if frame is not None:
             self.remember(frame, fn, args, kwargs, sig, site)
-        out = sig.single
-        return LazyTensor(node, 0, out) if out is not None else sig.wrap(node)
+        return out
 
     def replayed(self, frame, fn, args, kwargs):
         """NOTE [call sites]: the call recorded by the recorder of ``frame``'s line, or None
@@ -140,10 +135,13 @@ class Tracer:
         return self.append(sig, stack.inputs, stack.outs, user_site(2))
 
     def append(self, sig, inputs: tuple, outs, site):
-        """Add a node of ``sig`` (a block's, blocks.py); returns its lazy output(s)."""
+        """The one place nodes are made: a node of ``sig`` reading ``inputs`` (at outputs
+        ``outs``), recorded at ``site``; returns its lazy output(s)."""
         nodes = self.graph.nodes
         node = Node(len(nodes), sig, inputs, outs, site, self)
         nodes.append(node)
+        if sig.view:
+            self.viewed.update(inputs)
         out = sig.single
         return LazyTensor(node, 0, out) if out is not None else sig.wrap(node)
 
