@@ -45,12 +45,12 @@ _SPECIAL = _READS | _METADATA | set(_DROPOUTS) | _ATTRIBUTES | {_torch_tensor}
 
 
 def holds_lazy(args, kwargs) -> bool:
-    for a in args:
-        t = type(a)
-        if t is LazyTensor or ((t is list or t is tuple) and
-                               any(type(x) is LazyTensor for x in a)):
-            return True
-    for a in kwargs.values():
+    return _any_lazy(args) or (bool(kwargs) and _any_lazy(kwargs.values()))
+
+
+def _any_lazy(values) -> bool:
+    """A lazy tensor among ``values``, or in a list or tuple among them."""
+    for a in values:
         t = type(a)
         if t is LazyTensor or ((t is list or t is tuple) and
                                any(type(x) is LazyTensor for x in a)):
@@ -133,10 +133,6 @@ def _hot_wrapper(fn):
         def tensor(*args, **kwargs):
             tracer = current.tracer
             if tracer is not None and _mode_enabled():
-                if not kwargs and len(args) == 1 and type(args[0]) is int:
-                    c = tracer.immediates.get(args[0])
-                    if c is not None:
-                        return LazyTensor(c, 0, c.meta)
                 return tracer.tensor(args, kwargs)
             return fn(*args, **kwargs)
         tensor.__wrapped__ = fn

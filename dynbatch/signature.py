@@ -61,36 +61,8 @@ def call_key(fn, state, args, kwargs, tracer):
     inputs: list[int] = []
     outs: list[int] = []
     local = False
-    for a in args:          # lazy tensors, and sequences of them, inline: a cell's (h, c)
-        t = type(a)
-        if t is LazyTensor:
-            node = a.node
-            if node.owner is not tracer:
-                tracer.foreign(a)
-            inputs.append(node.id)
-            outs.append(a.index)
-            parts.append(a.meta)
-        elif t is tuple or t is list:
-            parts.append(t)
-            parts.append(len(a))
-            for x in a:
-                if type(x) is LazyTensor:
-                    node = x.node
-                    if node.owner is not tracer:
-                        tracer.foreign(x)
-                    inputs.append(node.id)
-                    outs.append(x.index)
-                    parts.append(x.meta)
-                else:
-                    local |= _key_part(x, parts, inputs, outs, tracer)
-        elif t in SCALARS:
-            parts.append(t)
-            parts.append(a if a == a else "nan")
-        elif t in _OBJECTS:         # a module (a method's self), a config object
-            parts.append(a)
-            local = True
-        else:
-            local |= _key_part(a, parts, inputs, outs, tracer)
+    for a in args:
+        local |= _key_part(a, parts, inputs, outs, tracer)
     for name, value in kwargs.items():
         parts.append(name)
         local |= _key_part(value, parts, inputs, outs, tracer)
@@ -126,6 +98,9 @@ def _key_part(a, parts: list, inputs: list, outs: list, tracer) -> bool:
     if t in PLAIN:
         parts.append(a)
         return False
+    if t in _OBJECTS:               # a module (a method's self), a config object
+        parts.append(a)
+        return True
     if isinstance(a, Tensor):       # shared: by identity, for this run
         parts.append(SHARED)
         parts.append(id(a))
