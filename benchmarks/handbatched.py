@@ -44,20 +44,31 @@ def _to_device(lists: list[list[int]], device: torch.device) -> list[Tensor]:
     return list(flat.split([len(l) for l in lists]))
 
 
-def _binary_states(
-    model: BinaryTreeLSTM, trees: Sequence[Any],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """h of every node in row order, plus per-row labels, per-row tree index, root rows."""
+def binary_routing(trees: Sequence[Any]) -> tuple[Tensor, list[int]]:
+    """Every index list the binary Tree-LSTM's minibatch needs (leaf words, labels, each
+    row's tree, root rows, each level's children), flat in one int64 tensor, and their
+    lengths: pure Python over the trees, so a DataLoader worker can make it ahead."""
     nodes, tree_of, row = _by_height(trees)
     # A 1- and a 3-child node in one level would otherwise misroute silently.
     if any(len(n.children) != 2 for level in nodes[1:] for n in level):
         raise ValueError("BinaryTreeLSTM needs every internal node to have exactly 2 children")
     kids = [[row[id(c)] for n in level for c in n.children] for level in nodes[1:]]
-    words, labels, tree_idx, roots, *kids = _to_device(
-        [[n.word_id for n in nodes[0]],
-         [n.label if n.label >= 0 else -1 for level in nodes for n in level],
-         tree_of, [row[id(t)] for t in trees], *kids],
-        model.classifier.weight.device)
+    lists = [[n.word_id for n in nodes[0]],
+             [n.label if n.label >= 0 else -1 for level in nodes for n in level],
+             tree_of, [row[id(t)] for t in trees], *kids]
+    return torch.tensor([v for l in lists for v in l], dtype=torch.long), \
+        [len(l) for l in lists]
+
+
+def _binary_states(
+    model: BinaryTreeLSTM, trees: Sequence[Any], routing=None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h of every node in row order, plus per-row labels, per-row tree index, root rows.
+    ``routing``: ``binary_routing(trees)``, made ahead (else made here)."""
+    flat, sizes = routing if routing is not None else binary_routing(trees)
+    # One host-to-device copy for the whole minibatch instead of one per index list.
+    words, labels, tree_idx, roots, *kids = \
+        flat.to(model.classifier.weight.device).split(sizes)
     H = model.hidden_dim
     i, o, u = model.leaf_gates(model.embedding(words)).chunk(3, 1)
     c_all = torch.sigmoid(i) * torch.tanh(u)
@@ -77,16 +88,18 @@ def _binary_states(
     return h_all, labels, tree_idx, roots
 
 
-def handbatched_binary_treelstm_loss(model: BinaryTreeLSTM, trees: Sequence[Any]) -> Tensor:
+def handbatched_binary_treelstm_loss(model: BinaryTreeLSTM, trees: Sequence[Any],
+                                     routing=None) -> Tensor:
     """Per-tree sum of node losses (nodes with label < 0 excluded), shape [len(trees)]."""
-    h_all, labels, tree_idx, _ = _binary_states(model, trees)
+    h_all, labels, tree_idx, _ = _binary_states(model, trees, routing)
     losses = F.cross_entropy(model.logits(h_all), labels, reduction="none", ignore_index=-1)
     return losses.new_zeros(len(trees)).index_add(0, tree_idx, losses)
 
 
-def handbatched_binary_treelstm_root_logits(model: BinaryTreeLSTM, trees: Sequence[Any]) -> Tensor:
+def handbatched_binary_treelstm_root_logits(model: BinaryTreeLSTM, trees: Sequence[Any],
+                                            routing=None) -> Tensor:
     """Root logits, shape [len(trees), num_classes]."""
-    h_all, _, _, roots = _binary_states(model, trees)
+    h_all, _, _, roots = _binary_states(model, trees, routing)
     return model.logits(h_all.index_select(0, roots))
 
 

@@ -71,11 +71,21 @@ from benchmarks import tasks as T
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench.py"
 
-IMPLS = ("eager", "hand", "dynbatch-agenda", "dynbatch-depth", "dynbatch-blocks-agenda",
-         "dynbatch-blocks-depth", "dynet", "torchfold")
+# "-wN": the same implementation with each minibatch planned in N DataLoader workers
+# (LoaderRunner): dynbatch through db.DataLoader, hand-batched with its routing made there.
+WORKERS = {"hand-w1": ("hand", 1), "dynbatch-agenda-w1": ("dynbatch-agenda", 1),
+           "dynbatch-agenda-w2": ("dynbatch-agenda", 2),
+           "dynbatch-blocks-agenda-w1": ("dynbatch-blocks-agenda", 1),
+           "dynbatch-blocks-agenda-w2": ("dynbatch-blocks-agenda", 2)}
+IMPLS = ("eager", "hand", "hand-w1", "dynbatch-agenda", "dynbatch-agenda-w1",
+         "dynbatch-agenda-w2", "dynbatch-depth", "dynbatch-blocks-agenda",
+         "dynbatch-blocks-agenda-w1", "dynbatch-blocks-agenda-w2", "dynbatch-blocks-depth",
+         "dynet", "torchfold")
 ALIASES = {
-    "dynbatch": ("dynbatch-agenda", "dynbatch-depth", "dynbatch-blocks-agenda",
-                 "dynbatch-blocks-depth"),
+    "dynbatch": ("dynbatch-agenda", "dynbatch-agenda-w1", "dynbatch-agenda-w2",
+                 "dynbatch-depth", "dynbatch-blocks-agenda", "dynbatch-blocks-agenda-w1",
+                 "dynbatch-blocks-agenda-w2", "dynbatch-blocks-depth"),
+    "workers": tuple(WORKERS),
     "dynbatch-perop": ("dynbatch-agenda", "dynbatch-depth"),
     "dynbatch-blocks": ("dynbatch-blocks-agenda", "dynbatch-blocks-depth"),
     "peers": ("dynet", "torchfold"),
@@ -84,7 +94,12 @@ ALIASES = {
 LABELS = {
     "eager": "unbatched eager",
     "hand": "hand-batched",
+    "hand-w1": "hand-batched, routing in 1 worker",
     "dynbatch-agenda": "dynbatch per-op, agenda",
+    "dynbatch-agenda-w1": "dynbatch per-op, agenda, 1 worker",
+    "dynbatch-agenda-w2": "dynbatch per-op, agenda, 2 workers",
+    "dynbatch-blocks-agenda-w1": "dynbatch blocks, agenda, 1 worker",
+    "dynbatch-blocks-agenda-w2": "dynbatch blocks, agenda, 2 workers",
     "dynbatch-depth": "dynbatch per-op, depth",
     "dynbatch-blocks-agenda": "dynbatch blocks, agenda",
     "dynbatch-blocks-depth": "dynbatch blocks, depth",
@@ -226,6 +241,120 @@ class LocalRunner:
         pass
 
 
+class _Minibatches:
+    """A batch sampler whose minibatches the runner sets before each pass."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _hand_routing(trees):
+    from benchmarks import handbatched as hb
+    return len(trees), hb.binary_routing(trees)
+
+
+class LoaderRunner:
+    """An implementation whose minibatches are planned ahead in DataLoader workers:
+    dynbatch through db.DataLoader, hand-batched with its routing (every index list, one
+    tensor) made by the loader's collate function. Workers persist across rounds, as
+    across an epoch; they start in the untimed warm-up round.
+
+    NOTE [steady state]: a round of K minibatches is timed from the end of its first step
+    to the end of its last, scaled by K / (K - 1): the pipeline's fill (the main process
+    waiting for the first plan), paid once per epoch in training, is left out; each later
+    step costs the slower of the main process's step and a worker's planning over the
+    number of workers, as in an epoch. Rounds of fewer than 4 minibatches repeat theirs
+    to 4 (the same minibatches planned again) and are scaled back."""
+
+    def __init__(self, task: T.TaskData, name: str, model: nn.Module) -> None:
+        base, workers = WORKERS[name]
+        self.name = name
+        self.runner = make_runner(task.name, base, model)     # model, Adam, stats
+        self.examples = task.examples
+        self.stats = None
+        self.loaders = {}
+        impl = self.runner.impl
+        for mode in ("train", "infer"):
+            sampler = _Minibatches()
+            if impl.batched is not None:
+                fn, join = impl.batched[mode]
+                loader = db.DataLoader(task.examples, fn, self.runner.model,
+                                       batch_sampler=sampler, num_workers=workers,
+                                       persistent_workers=True)
+                step = (lambda batch, fn=fn, join=join: join(fn(batch, self.runner.model)))
+            else:
+                from benchmarks import handbatched as hb
+                loader = torch.utils.data.DataLoader(
+                    task.examples, batch_sampler=sampler, num_workers=workers,
+                    persistent_workers=True, collate_fn=_hand_routing)
+                fn = hb.handbatched_binary_treelstm_loss if mode == "train" else \
+                    hb.handbatched_binary_treelstm_root_logits
+                step = (lambda routed, fn=fn: fn(self.runner.model, range(routed[0]),
+                                                 routed[1]))
+            self.loaders[mode] = (sampler, loader, step)
+
+    def _train(self, batch) -> None:
+        runner = self.runner
+        runner.opt.zero_grad(set_to_none=True)
+        loss = self.loaders["train"][2](batch).sum()
+        runner._grab()
+        loss.backward()
+        runner.opt.step()
+
+    def _infer(self, batch):
+        with torch.no_grad():
+            out = self.loaders["infer"][2](batch)
+        self.runner._grab()
+        return out
+
+    def round(self, mode: str, idx: list[list[int]]) -> tuple[float, list]:
+        K = len(idx)
+        todo = idx * -(-4 // K) if K < 4 else idx
+        sampler, loader, _ = self.loaders[mode]
+        sampler.batches = todo
+        step = self._train if mode == "train" else self._infer
+        stats, ends = [], []
+        gc.collect()
+        with torch.set_grad_enabled(mode == "train"):    # asked for as they will run
+            for batch in loader:
+                step(batch)
+                stats.append(self.runner.stats)
+                ends.append(time.perf_counter())
+        per_step = (ends[-1] - ends[0]) / (len(ends) - 1)
+        return per_step * K, stats[1:]
+
+    def agreement(self, idx: list[int]):
+        """Losses, outputs and gradients of one minibatch through the loaders."""
+        out = {}
+        for mode in ("infer", "train"):
+            sampler, loader, step = self.loaders[mode]
+            sampler.batches = [idx]
+            if mode == "infer":
+                with torch.no_grad():
+                    (batch,) = list(loader)
+                    out[mode] = step(batch).double().numpy()
+            else:
+                (batch,) = list(loader)
+                model = self.runner.model
+                model.zero_grad(set_to_none=True)
+                losses = step(batch)
+                losses.sum().backward()
+                grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                         .double().numpy() for n, p in model.named_parameters()}
+                model.zero_grad(set_to_none=True)
+                out[mode] = (losses.detach().double().numpy(), grads)
+        return out["train"][0], out["infer"], out["train"][1]
+
+    def close(self) -> None:
+        self.loaders.clear()
+
+
 def _peer_main(conn, data_path: str, name: str) -> None:
     """The child process of a ProcessRunner: builds the implementation from the pickled
     task and weights, then answers ("round", mode, idx) / ("agreement", idx) / ("close",)."""
@@ -308,7 +437,9 @@ def unavailable(task: str, name: str) -> str | None:
     if name == "torchfold":
         from benchmarks import peers
         return peers.torchfold_status()
-    if T.torch_impl(task, name) is None:
+    if name == "hand-w1" and task not in ("sst128", "sst300"):
+        return "routing made ahead for the binary Tree-LSTM only"
+    if T.torch_impl(task, WORKERS.get(name, (name,))[0]) is None:
         return "blocks form defined for the SST Tree-LSTM only"
     return None
 
@@ -321,6 +452,8 @@ def timing_runner(task: T.TaskData, name: str, model: nn.Module, data_path: Path
     """What the timing loop and the agreement check drive: in this process, or in a child."""
     if in_own_process(name):
         return ProcessRunner(name, data_path)
+    if name in WORKERS:
+        return LoaderRunner(task, name, model)
     return LocalRunner(make_runner(task.name, name, model), task.examples)
 
 
@@ -770,7 +903,7 @@ def run(cfg: Config) -> dict:
             del runners
             torch.set_num_threads(1)
             mem_sizes = sorted(set(cfg.memory_sizes) & set(cfg.sizes)) or []
-            mem_names = [n for n in names if n in cfg.memory_impls]
+            mem_names = [n for n in names if n in cfg.memory_impls and n not in WORKERS]
             if mem_sizes and mem_names and task.name in cfg.memory_tasks:
                 log(f"task {task.name}: peak memory, one process per implementation, "
                     f"B={mem_sizes}")

@@ -215,12 +215,16 @@ _DB_FNS = {
 @dataclass
 class TorchImpl:
     """A PyTorch implementation: per-example losses and the inference output of a minibatch.
-    ``uses_dynbatch`` marks the ones whose runs publish ``db.stats()``."""
+    ``uses_dynbatch`` marks the ones whose runs publish ``db.stats()``; ``batched``: for a
+    dynbatch implementation, its ``@db.batched`` loss and inference functions with what
+    turns each one's list of results into the tensor ``losses`` and ``infer`` return (what
+    db.DataLoader plans ahead)."""
     name: str
     losses: Callable[[nn.Module, list], Tensor]
     infer: Callable[[nn.Module, list], Tensor]
     prepare: Callable[[nn.Module], nn.Module] = lambda m: m
     uses_dynbatch: bool = False
+    batched: dict | None = None
 
 
 def _eager(task: str) -> TorchImpl:
@@ -251,18 +255,23 @@ def _to_blocks(model: nn.Module) -> nn.Module:
     return blocks
 
 
+def _flat_logits(results) -> Tensor:
+    return torch.stack([l for ls in results for l in ls])
+
+
 def _dynbatch(task: str, strategy: str, blocks: bool) -> TorchImpl:
     name = f"dynbatch-{'blocks-' if blocks else ''}{strategy}"
     if task == "tagger":
         loss, infer = _DB_FNS["tagger_loss", strategy], _DB_FNS["tagger_logits", strategy]
-        return TorchImpl(name, lambda m, b: torch.stack(loss(b, m)),
-                         lambda m, b: torch.stack([l for ls in infer(b, m) for l in ls]),
-                         uses_dynbatch=True)
-    loss = _DB_FNS["tree_loss", strategy]
-    infer = _DB_FNS["ast_logits" if task == "ast" else "sst_logits", strategy]
+        join_infer = _flat_logits
+    else:
+        loss = _DB_FNS["tree_loss", strategy]
+        infer = _DB_FNS["ast_logits" if task == "ast" else "sst_logits", strategy]
+        join_infer = torch.stack
     return TorchImpl(name, lambda m, b: torch.stack(loss(b, m)),
-                     lambda m, b: torch.stack(infer(b, m)),
-                     prepare=_to_blocks if blocks else (lambda m: m), uses_dynbatch=True)
+                     lambda m, b: join_infer(infer(b, m)),
+                     prepare=_to_blocks if blocks else (lambda m: m), uses_dynbatch=True,
+                     batched={"train": (loss, torch.stack), "infer": (infer, join_infer)})
 
 
 def torch_impl(task: str, name: str) -> TorchImpl | None:

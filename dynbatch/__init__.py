@@ -8,8 +8,8 @@
 
 See DESIGN.md for the pipeline: trace -> signature -> schedule -> execute.
 """
-from .api import autobatch, batched, block, force, stats
+from .api import DataLoader, autobatch, batched, block, force, stats
 from .lazy import LazyTensor
 
-__all__ = ["batched", "autobatch", "force", "block", "stats", "LazyTensor"]
+__all__ = ["batched", "autobatch", "force", "block", "stats", "DataLoader", "LazyTensor"]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""The public front door: ``batched``, ``autobatch``, ``force``, ``block``, ``stats``.
+"""The public front door: ``batched``, ``autobatch``, ``force``, ``block``, ``stats``,
+and ``DataLoader`` (loader.py).
 
 ``batched`` and ``autobatch`` share one run lifecycle (session.Run): a run is made, made
 current in this thread for as long as it records, executed, and closed whatever happens.
@@ -17,11 +18,12 @@ from torch.utils._pytree import tree_flatten
 from . import profile
 from .blocks import block
 from .lazy import LazyTensor, current
-from .results import materialized, update_captures
+from .results import materialized
 from .schedule import STRATEGIES
-from .session import Run
+from .loader import DataLoader, PlannedBatch
+from .session import Run, run_examples
 
-__all__ = ["batched", "autobatch", "force", "block", "stats"]
+__all__ = ["batched", "autobatch", "force", "block", "stats", "DataLoader"]
 
 
 def stats() -> profile.Stats:
@@ -62,10 +64,12 @@ class _Batched:
     def __get__(self, instance, owner=None):
         if instance is None:
             return self
-        return functools.partial(self._call_method, instance)
+        return _BoundBatched(self, instance)
 
-    def _call_method(self, instance, batch, *args, **kwargs):
-        return run_batched(self.fn, batch, (instance,), args, kwargs, self.strategy)
+    @property
+    def __dynbatch_batched__(self) -> tuple:
+        """(code for one example, leading arguments, strategy): what db.DataLoader plans."""
+        return (self.fn, (), self.strategy) if not self._method else None
 
     def __call__(self, *args, **kwargs):
         if self._method:
@@ -76,6 +80,26 @@ class _Batched:
             raise TypeError(f"{self.fn.__qualname__}: the first argument must be the "
                             "minibatch (a sequence of examples)")
         return run_batched(self.fn, args[0], (), args[1:], kwargs, self.strategy)
+
+
+class _BoundBatched:
+    """A ``@db.batched`` method of an instance (``model.forward``)."""
+
+    __slots__ = ("batched", "instance")
+
+    def __init__(self, batched: _Batched, instance):
+        self.batched, self.instance = batched, instance
+
+    def __call__(self, batch, *args, **kwargs):
+        b = self.batched
+        return run_batched(b.fn, batch, (self.instance,), args, kwargs, b.strategy)
+
+    @property
+    def __dynbatch_batched__(self) -> tuple:
+        return self.batched.fn, (self.instance,), self.batched.strategy
+
+    def __repr__(self) -> str:
+        return f"<batched method {self.batched.fn.__qualname__} of {self.instance!r}>"
 
 
 def batched(fn=None, *, strategy: str = "agenda"):
@@ -114,22 +138,14 @@ def _not_a_sequence(batch):
 
 
 def run_batched(fn, batch, leading, args, kwargs, strategy):
+    if type(batch) is PlannedBatch:     # from db.DataLoader: its plan was made ahead
+        return batch.run(fn, leading, args, kwargs, strategy)
     examples = _as_examples(batch)
     if current.tracer is not None:  # inside another run's per-example code: it batches all
         return [fn(*leading, x, *args, **kwargs) for x in examples]
     if len(examples) == 0:
         return []
-    run = Run(strategy, examples=len(examples))
-    t0 = time.perf_counter()
-    with run:
-        outs = run.trace_examples(fn, leading, examples, args, kwargs)
-        run.stats.trace_s = time.perf_counter() - t0 - run.stats.schedule_s \
-            - run.stats.execute_s
-        cache: dict = {}
-        result = run.finish(outs)
-        update_captures(list(args) + list(kwargs.values()) + list(examples), cache)
-        outs = None
-    return result
+    return run_examples(fn, list(examples), leading, args, kwargs, strategy)
 
 
 @contextlib.contextmanager

@@ -101,14 +101,29 @@ def uninstall() -> None:
 
 
 class BlockFunction:
-    """A function marked with ``db.block``: the identity its nodes' signatures name."""
+    """A function marked with ``db.block``: the identity its nodes' signatures name.
+    ``key``: (module, qualname, k), k counting earlier marks of a function of that name
+    in this process; marks made at import time get the same key in every process that
+    imports the module (refs.py names a block by it)."""
 
     def __init__(self, fn):
         functools.update_wrapper(self, fn)
         self.fn = fn
+        marks = _marks.setdefault((fn.__module__, fn.__qualname__), [])
+        self.key = (fn.__module__, fn.__qualname__, len(marks))
+        marks.append(self)
 
     def __repr__(self) -> str:
         return f"<dynbatch block {self.fn.__qualname__}>"
+
+
+_marks: dict = {}     # (module, qualname) -> the BlockFunctions marked, in order
+
+
+def marked(key: tuple) -> BlockFunction | None:
+    """The BlockFunction with this ``key`` in this process, if one was marked."""
+    marks = _marks.get(key[:2], ())
+    return marks[key[2]] if key[2] < len(marks) else None
 
 
 def block(obj):

@@ -157,3 +157,10 @@ class PlanError(DynbatchError):
     """A plan made elsewhere (refs.py) names an argument, module or parameter that the
     arguments it is loaded with lack: load it with the arguments of the call it was made
     for (the same model, as passed to the batched function)."""
+
+
+class PlanAheadError(UnsupportedError):
+    """Per-example code that cannot be planned ahead of execution (db.DataLoader's
+    workers): it reads values mid-run (``int(x)``, ``x.item()``), whose answers exist only
+    once earlier batches have run, or it stores lazy values into its arguments. Plan it in
+    the main process (``num_workers=0``), where it runs as ``@db.batched`` runs it."""

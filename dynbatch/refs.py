@@ -58,10 +58,86 @@ def _resolve(path, args):
                         "it with the arguments of the call it was made for") from None
 
 
-class _Pickler(pickle.Pickler):
-    def __init__(self, file, args):
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+def binding(args) -> tuple[tuple, tuple, tuple]:
+    """What a plan made for ``args`` depends on, in one walk: their structure (every
+    module's path and class, every parameter's and buffer's path, shape, dtype and
+    device: a plan names them by path), the identity of each of those objects, and each
+    module's plain state (``training`` and its other bool, int, float, str and None
+    attributes: what per-example code may branch on)."""
+    structure: list = []
+    ids: list = []
+    modules: list = []
+    for i, arg in enumerate(args):
+        if isinstance(arg, nn.Module):
+            for name, m in arg.named_modules(remove_duplicate=False):
+                structure.append((i, name, type(m).__qualname__))
+                ids.append(id(m))
+                modules.append(tuple((k, v) for k, v in m.__dict__.items()
+                                     if type(v) in _PLAIN))
+                for table in (m._parameters, m._buffers):
+                    for k, t in table.items():
+                        structure.append((i, name, k) if t is None else
+                                         (i, name, k, t.shape, t.dtype, t.device))
+                        ids.append(id(t))
+        elif isinstance(arg, torch.Tensor):
+            structure.append((i, arg.shape, arg.dtype, arg.device))
+            ids.append(id(arg))
+        else:
+            structure.append((i, type(arg).__qualname__))
+            ids.append(id(arg))
+    return tuple(structure), tuple(ids), tuple(modules)
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def set_module_state(args, modules: tuple) -> None:
+    """Give the modules reachable from ``args`` the plain state ``binding`` read (in a
+    DataLoader worker: the main process's, as it was when the minibatch was asked for)."""
+    states = iter(modules)
+    for arg in args:
+        if isinstance(arg, nn.Module):
+            for _, m in arg.named_modules(remove_duplicate=False):
+                m.__dict__.update(next(states))
+
+
+class SignatureKeys:
+    """``keys(signature)``: the signature's source pickled by reference against ``args``
+    (bytes, the same for the same source), for a plan made in one process and run in
+    another (``Signatures`` there)."""
+
+    def __init__(self, args):
         self.paths = _named(args)
+        self.cache: dict = {}       # id(signature) -> (signature, key)
+
+    def __call__(self, sig) -> bytes:
+        hit = self.cache.get(id(sig))
+        if hit is None or hit[0] is not sig:
+            buf = io.BytesIO()
+            _Pickler(buf, self.paths).dump(sig)
+            hit = self.cache[id(sig)] = (sig, buf.getvalue())
+        return hit[1]
+
+
+class Signatures:
+    """The signatures of keys made by ``SignatureKeys``, made again here against ``args``
+    (each once: a block's body traced, outputs inferred), inside ``recording()``."""
+
+    def __init__(self, args, recording):
+        self.args, self.recording = args, recording
+        self.cache: dict = {}       # key -> signature
+
+    def __call__(self, key: bytes):
+        sig = self.cache.get(key)
+        if sig is None:
+            sig = self.cache[key] = loads(key, self.args, self.recording)
+        return sig
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file, paths: dict):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.paths = paths
         self.signatures: dict = {}      # id(signature) -> its number in this pickle
 
     def persistent_id(self, obj):
@@ -78,7 +154,7 @@ class _Pickler(pickle.Pickler):
                                            "in another process")
             return ("sig", n, obj.source, obj.state)
         if isinstance(obj, blocks.BlockFunction):   # the function the user marked
-            return ("block", obj.fn.__module__, obj.fn.__qualname__)
+            return ("block",) + obj.key
         return None
 
 
@@ -94,7 +170,7 @@ class _Unpickler(pickle.Unpickler):
         if kind == "ref":
             return _resolve(pid[1], self.args)
         if kind == "block":
-            return _marked_block(pid[1], pid[2])
+            return _marked_block(pid[1:])
         if len(pid) == 2:
             return self.signatures[pid[1]]
         with self.recording():
@@ -102,11 +178,22 @@ class _Unpickler(pickle.Unpickler):
         return sig
 
 
-def _marked_block(module_name: str, qualname: str):
+def _marked_block(key: tuple):
+    """The block marked as ``key`` (blocks.BlockFunction) names it: its module imported
+    here marks it again. A function marked once and reachable by its name (marked after
+    import) is found by name."""
+    module_name, qualname, k = key
     obj = importlib.import_module(module_name)
+    found = blocks.marked(key)
+    if found is not None:
+        return found
     for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj.__dynbatch_block__
+        obj = getattr(obj, part, None)
+    found = getattr(obj, "__dynbatch_block__", None)
+    if k != 0 or found is None:
+        raise PlanError(f"the plan names the block {qualname} of {module_name} (mark {k}), "
+                        "which this process has not marked; mark blocks at import time")
+    return found
 
 
 def _rebuilt(source, state):
@@ -126,7 +213,7 @@ def dumps(obj, args) -> bytes:
     """``obj`` (a plan, or anything holding plans) pickled, with the shared objects reachable
     from ``args`` named by path."""
     buf = io.BytesIO()
-    _Pickler(buf, args).dump(obj)
+    _Pickler(buf, _named(args)).dump(obj)
     return buf.getvalue()
 
 

@@ -54,6 +54,12 @@ def _dataclass_mapped(f, d):
     return new
 
 
+def holds_lazy(containers) -> bool:
+    """Whether lists and dicts among ``containers`` hold lazy tensors (what
+    ``update_captures`` would fill in)."""
+    return any(type(obj) in (list, dict) and _holds_lazy(obj) for obj in containers)
+
+
 def update_captures(containers, cache: dict) -> None:
     """Lists and dicts among the call's arguments that the per-example code filled with
     lazy tensors (``log.append(h)``) get the values, in place."""

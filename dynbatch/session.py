@@ -30,11 +30,12 @@ except ImportError:     # without it reads still give exact values, but run unba
     greenlet = None
 
 from . import blocks, execute, intercept, plan, profile, refs, schedule, trace
-from .errors import DynbatchError, MixedRunError, UnsupportedError, user_site, warn_at, where
+from .errors import (DynbatchError, MixedRunError, PlanAheadError, UnsupportedError,
+                     user_site, warn_at, where)
 from .graph import Constant, Node
 from .infer import warm_up
 from .lazy import LazyTensor, current
-from .results import materialized
+from .results import holds_lazy, materialized, update_captures
 from .state import restore, snapshot
 
 _getrefcount = sys.getrefcount
@@ -225,9 +226,11 @@ class Run(trace.Tracer):
             raise MixedRunError("this lazy tensor's run ended before it was computed (the "
                                 "run failed); recompute it in a new run")
         if self.planning:
-            self.unsupported("reading a value (int(x), x.item(), a data-dependent op) while "
-                             "planning ahead, where nothing executes; plan in the main "
-                             "process (num_workers=0)")
+            raise PlanAheadError("per-example code that reads a value (int(x), x.item(), "
+                                 "a data-dependent op) cannot be planned ahead, where "
+                                 f"nothing executes ({where(self.example, user_site(2))}); "
+                                 "plan it in the main process: db.DataLoader(..., "
+                                 "num_workers=0)")
         if self.main is not None and greenlet.getcurrent() is not self.main:
             if torch.is_inference_mode_enabled() != self.inference:
                 self.unsupported("reading a value inside torch.inference_mode() in "
@@ -342,15 +345,51 @@ class Run(trace.Tracer):
         return the_plan
 
 
-def plan_ahead(fn, examples, args=(), kwargs=None, strategy: str = "agenda") -> plan.Plan:
+def run_examples(fn, examples: list, leading: tuple, args: tuple, kwargs: dict,
+                 strategy: str) -> list:
+    """``fn(*leading, example, *args, **kwargs)`` for every example, batched, in this
+    process: trace, schedule, execute (what ``@db.batched`` does)."""
+    run = Run(strategy, examples=len(examples))
+    t0 = time.perf_counter()
+    with run:
+        outs = run.trace_examples(fn, leading, examples, args, kwargs)
+        run.stats.trace_s = time.perf_counter() - t0 - run.stats.schedule_s \
+            - run.stats.execute_s
+        cache: dict = {}
+        result = run.finish(outs)
+        update_captures(list(args) + list(kwargs.values()) + list(examples), cache)
+        outs = None
+    return result
+
+
+def plan_ahead(fn, examples, args=(), kwargs=None, strategy: str = "agenda",
+               leading: tuple = (), stats: profile.Stats | None = None) -> plan.Plan:
     """The plan of ``fn`` over ``examples`` (code for one example, as ``@db.batched``
-    runs it), made without executing anything: a Plan that ``run_plan`` executes, here or,
-    pickled with refs.dumps, in another process."""
+    runs it: ``fn(*leading, example, *args, **kwargs)``), made without executing
+    anything: a Plan that ``run_plan`` executes, here or in another process (refs.py,
+    wire.py). ``stats`` gets the trace and schedule times and the node count.
+
+    Code that reads values (NOTE [reads]) or stores lazy values into its arguments
+    (``log.append(h)``) cannot be planned ahead: UnsupportedError."""
     run = Run(strategy, examples=len(examples))
     run.planning = True
+    t0 = time.perf_counter()
+    kwargs = kwargs or {}
     with run:
-        outs = run.trace_examples(fn, (), list(examples), tuple(args), kwargs or {})
-        return run.final_plan(outs)
+        outs = run.trace_examples(fn, tuple(leading), list(examples), tuple(args), kwargs)
+        if holds_lazy(list(args) + list(kwargs.values())):
+            raise PlanAheadError("per-example code stored lazy values into the "
+                                   "arguments (log.append(h)); planned ahead, the values "
+                                   "would never come back to them: return them instead, "
+                                   "or plan in the main process (num_workers=0)")
+        run.stats.trace_s = time.perf_counter() - t0 - run.stats.schedule_s
+        the_plan = run.final_plan(outs)
+        nodes = len(run.graph.nodes)
+    run.stats.nodes = nodes
+    if stats is not None:
+        stats.trace_s, stats.schedule_s = run.stats.trace_s, run.stats.schedule_s
+        stats.nodes, stats.examples = nodes, len(examples)
+    return the_plan
 
 
 def run_plan(the_plan: plan.Plan, stats: profile.Stats | None = None) -> list:

@@ -700,7 +700,7 @@ def test_nested_batched_inside_a_run():
 
 def test_public_names():
     assert set(db.__all__) == {"batched", "autobatch", "force", "block", "stats",
-                               "LazyTensor"}
+                               "DataLoader", "LazyTensor"}
     assert isinstance(db.stats(), object) and isinstance(db, types.ModuleType)
 
 

@@ -20,8 +20,10 @@ LAYERS = [
     ["dynbatch"],                                           # public names
     ["dynbatch.testing"],
     ["dynbatch.api"],
+    ["dynbatch.loader"],                                    # plans made in DataLoader workers
     ["dynbatch.session"],                                   # a run: trace, plan, execute, reads
     ["dynbatch.refs"],                                      # plans as pickles
+    ["dynbatch.wire"],                                      # plans as arrays
     ["dynbatch.blocks"],
     ["dynbatch.trace"],
     ["dynbatch.intercept"],
