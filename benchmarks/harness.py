@@ -265,12 +265,14 @@ class LoaderRunner:
     tensor) made by the loader's collate function. Workers persist across rounds, as
     across an epoch; they start in the untimed warm-up round.
 
-    NOTE [steady state]: a round of K minibatches is timed from the end of its first step
-    to the end of its last, scaled by K / (K - 1): the pipeline's fill (the main process
-    waiting for the first plan), paid once per epoch in training, is left out; each later
-    step costs the slower of the main process's step and a worker's planning over the
-    number of workers, as in an epoch. Rounds of fewer than 4 minibatches repeat theirs
-    to 4 (the same minibatches planned again) and are scaled back."""
+    NOTE [steady state]: a loader round runs its K minibatches over and over, 16 steps at
+    least, and times only the second half of them, scaled to K steps: the pipeline's fill
+    is left out (the main process waiting for the first plan, paid once per epoch), and
+    so are the plans that the workers made side by side during the fill (at most
+    ``prefetch_factor`` x workers), which would let the next steps run without waiting.
+    What is timed is then each step costing the slower of the main process's step and a
+    worker's planning over the number of workers, as through an epoch.
+    """
 
     def __init__(self, task: T.TaskData, name: str, model: nn.Module) -> None:
         base, workers = WORKERS[name]
@@ -315,7 +317,7 @@ class LoaderRunner:
 
     def round(self, mode: str, idx: list[list[int]]) -> tuple[float, list]:
         K = len(idx)
-        todo = idx * -(-4 // K) if K < 4 else idx
+        todo = idx * -(-16 // K)
         sampler, loader, _ = self.loaders[mode]
         sampler.batches = todo
         step = self._train if mode == "train" else self._infer
@@ -326,8 +328,9 @@ class LoaderRunner:
                 step(batch)
                 stats.append(self.runner.stats)
                 ends.append(time.perf_counter())
-        per_step = (ends[-1] - ends[0]) / (len(ends) - 1)
-        return per_step * K, stats[1:]
+        half = len(ends) // 2
+        per_step = (ends[-1] - ends[half - 1]) / (len(ends) - half)
+        return per_step * K, stats[-K:]
 
     def agreement(self, idx: list[int]):
         """Losses, outputs and gradients of one minibatch through the loaders."""
