@@ -814,6 +814,12 @@ def _dur(s: float) -> str:
     return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
 
 
+def _times_here(cfg: Config, name: str, task: str, B: int, threads: int) -> bool:
+    """Loader rows (WORKERS) time 16 steps a round: by default only in the target cell
+    (every cell of a --quick or --tiny run)."""
+    return name not in WORKERS or (task, B, threads) == TARGET_CELL or cfg.quick or cfg.tiny
+
+
 def run(cfg: Config) -> dict:
     t_start = time.perf_counter()
     meta = {"command": cfg.command, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -894,7 +900,12 @@ def run(cfg: Config) -> dict:
             for threads in cfg.threads:
                 torch.set_num_threads(threads)
                 for B in cfg.sizes:
-                    rows = time_cell(task, runners, cfg, B, threads, result["errors"])
+                    here = {n: r for n, r in runners.items()
+                            if _times_here(cfg, n, task.name, B, threads)}
+                    rows = time_cell(task, here, cfg, B, threads, result["errors"])
+                    for n in [n for n in runners if n not in here and
+                              _times_here(cfg, n, task.name, B, threads)]:
+                        runners.pop(n)      # dropped by time_cell (it closed it)
                     for row in rows:
                         row["load"] = os.getloadavg()[0]
                     result["results"].extend(rows)

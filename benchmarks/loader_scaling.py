@@ -11,7 +11,8 @@ the steps (NOTE [steady state] in benchmarks/harness.py): the whole step; the ma
 forward call (unpacking the plan, gathers, batched calls, results), split into unpacking
 and executing; the forward's microseconds per batched call; backward and optimizer. The
 inline ``@db.batched`` call (tracing and scheduling in the step) and hand-batched code run
-on the same minibatches as references, interleaved round by round.
+(inline, and with its routing made in a DataLoader worker) on the same minibatches as
+references, interleaved round by round.
 """
 from __future__ import annotations
 
@@ -72,9 +73,17 @@ def main(argv=None) -> int:
     def record(name, steps):
         rows.setdefault(name, []).extend(steps[len(steps) // 2:])
 
+    def hand_routed(model, routed):
+        return hb.handbatched_binary_treelstm_loss(model, range(routed[0]), routed[1])
+
     for _ in range(args.rounds):
         record("hand", steps_of(T.make_model(task), trees,
                                 hb.handbatched_binary_treelstm_loss))
+        routing = torch.utils.data.DataLoader(task.examples, batch_sampler=idx, num_workers=1,
+                                              collate_fn=lambda b: (len(b),
+                                                                    hb.binary_routing(b)))
+        record("hand, routing in 1 worker", steps_of(T.make_model(task), routing,
+                                                     hand_routed))
         for form in args.forms.split(","):
             prepare = T._to_blocks if form == "blocks" else (lambda m: m)
             record(f"{form} inline", steps_of(prepare(T.make_model(task)), trees,

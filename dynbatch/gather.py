@@ -23,7 +23,8 @@ def gather(spec, store: list):
         out = src.index_select(0, rows)
         return out.detach() if spec.detach else out
     if kind is Values:
-        return spec.tensor
+        t = spec.tensor
+        return t if spec.device is None or t.device == spec.device else t.to(spec.device)
     if kind is Stacked:
         values = spec.tensors
         return torch.stack(values) if len(values) > 1 else values[0].unsqueeze(0)

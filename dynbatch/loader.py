@@ -17,13 +17,14 @@ would name parameters that are not there.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
 from collections.abc import Sequence
 
 import torch.utils.data as tud
 from torch import nn
 
-from . import profile, refs, session, wire
+from . import plan, profile, refs, session, wire
 from .errors import ExecuteError, PlanAheadError, PlanError, user_site, warn_at
 from .state import entered, state_now
 
@@ -70,13 +71,16 @@ class _Examples(tud.Dataset):
 
 class _Planned:
     """What travels from a worker: the indices, the packed plan (None: the code reads
-    values, so it runs in the main process), and the examples when the main process cannot
-    look them up itself."""
+    values, so it runs in the main process), the examples when the main process cannot
+    look them up itself, else the ``id`` of each example planned (a forked worker's
+    objects keep their ids: the main process checks that it finds the same ones)."""
 
-    __slots__ = ("indices", "packed", "examples")
+    __slots__ = ("indices", "packed", "examples", "ids")
 
-    def __init__(self, indices, packed, examples):
-        self.indices, self.packed, self.examples = indices, packed, examples
+    def __init__(self, indices, packed, examples, ship):
+        self.indices, self.packed = indices, packed
+        self.examples = examples if ship else None
+        self.ids = None if ship else [id(x) for x in examples]
 
     def pin_memory(self):
         if self.packed is not None:
@@ -98,21 +102,27 @@ class _Planner:
         examples = [self.examples[i] for i in request]
         worker = tud.get_worker_info() is not None
         if self.live:
-            return _Planned(list(request), None, examples if self.ship else None)
+            return _Planned(list(request), None, examples, self.ship)
         if worker:
+            plan.CONSTANTS_ON_HOST[0] = True     # NOTE [host constants]
             refs.set_module_state(self.call_args, request.modules)
         t0 = time.perf_counter()
         stats = profile.Stats()
         try:
             with entered(request.state):
-                plan = session.plan_ahead(self.fn, examples, self.args, {}, self.strategy,
+                made = session.plan_ahead(self.fn, examples, self.args, {}, self.strategy,
                                           self.leading, stats)
         except PlanAheadError:
             if worker:
                 raise
             self.live = True
-            return _Planned(list(request), None, examples if self.ship else None)
+            return _Planned(list(request), None, examples, self.ship)
         except Exception as err:
+            if worker and "CUDA" in str(err):
+                err.add_note("dynbatch: a DataLoader worker forked from a process that "
+                             "uses CUDA cannot use CUDA: create per-example tensors on the "
+                             "CPU (torch.tensor(scalar, device=...) is fine), or plan in "
+                             "the main process (num_workers=0)")
             err.add_note(f"dynbatch: while planning ahead the minibatch of dataset indices "
                          f"{_short(request)} (examples[i] is the i-th of them)"
                          + (f", in DataLoader worker {tud.get_worker_info().id}" if worker
@@ -122,11 +132,11 @@ class _Planner:
         if self._keys is None or self._keys[0] != ids:
             self._keys = (ids, refs.SignatureKeys(self.call_args))
         t1 = time.perf_counter()
-        packed = wire.pack(plan, self._keys[1], stats.nodes)
+        packed = wire.pack(made, self._keys[1], stats.nodes)
         packed.meta = {"structure": structure, "state": (request.state, request.modules),
                        "trace_s": stats.trace_s, "schedule_s": stats.schedule_s,
                        "pack_s": time.perf_counter() - t1, "plan_s": time.perf_counter() - t0}
-        return _Planned(list(request), packed, examples if self.ship else None)
+        return _Planned(list(request), packed, examples, self.ship)
 
 
 def _short(indices) -> str:
@@ -170,6 +180,10 @@ class DataLoader:
             raise TypeError("db.DataLoader needs examples it can index (a list or a "
                             "map-style Dataset), not an IterableDataset")
         dataset = _Examples(examples)
+        if batch_sampler is not None and (batch_size != 1 or shuffle or sampler is not None
+                                          or drop_last):
+            raise ValueError("batch_sampler excludes batch_size, shuffle, sampler and "
+                             "drop_last (as in torch.utils.data.DataLoader)")
         if batch_sampler is None:
             if batch_size is None:
                 raise ValueError("db.DataLoader makes minibatches: batch_size must be set")
@@ -186,6 +200,9 @@ class DataLoader:
                                                                       self.call_args),
                                      collate_fn=self.planner, generator=generator,
                                      **kwargs)
+        context = self.loader.multiprocessing_context
+        if self.loader.num_workers and (context or mp).get_start_method() != "fork":
+            self.planner.ship = True    # a spawned worker's examples are copies
         self._signatures = None     # (ids of the arguments' objects, refs.Signatures)
         self._warned = False
 
@@ -230,8 +247,15 @@ class PlannedBatch(Sequence):
 
     def __init__(self, planned: _Planned, loader: DataLoader):
         self.indices = planned.indices
-        self.examples = planned.examples if planned.examples is not None else \
-            [loader.examples[i] for i in planned.indices]
+        self.examples = planned.examples
+        if self.examples is None:
+            self.examples = [loader.examples[i] for i in planned.indices]
+            if planned.ids != [id(x) for x in self.examples]:
+                raise PlanError("the examples changed after the db.DataLoader was made: "
+                                f"dataset indices {_short(planned.indices)} are other "
+                                "objects here than in the worker that planned them; "
+                                "shuffle with shuffle=True rather than in place, or make "
+                                "the loader again")
         self._packed, self._loader = planned.packed, loader
 
     def __len__(self) -> int:

@@ -50,8 +50,16 @@ class Index(NamedTuple):
 
 
 class Values(NamedTuple):
-    """Per-example constants made into one tensor when the plan was made."""
+    """Per-example constants made into one tensor when the plan was made; ``device``:
+    where it goes when it runs, when it was made on the host (NOTE [host constants])."""
     tensor: torch.Tensor
+    device: torch.device | None = None
+
+
+# NOTE [host constants]: a DataLoader worker forked from a process that uses CUDA cannot
+# use CUDA itself. A plan made there makes its constants (word ids, labels) on the host
+# and records their device; the main process moves them there when the plan runs.
+CONSTANTS_ON_HOST = [False]
 
 
 class Stacked(NamedTuple):
@@ -354,6 +362,8 @@ def _constants_spec(constants, meta) -> tuple:
         return Stacked(tuple(values))
     if meta.dtype is torch.int64 and meta.device.type == "cpu":
         return Values(index_tensor(values))
+    if CONSTANTS_ON_HOST[0] and meta.device.type != "cpu":
+        return Values(torch.tensor(values, dtype=meta.dtype), meta.device)
     return Values(torch.tensor(values, dtype=meta.dtype, device=meta.device))
 
 

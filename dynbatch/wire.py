@@ -30,7 +30,8 @@ _ROW, _VALUE = 0, 1
 class Packed:
     """A plan in transit. ``signatures``: the key of each signature the steps number;
     ``code`` and ``ints``: int64 tensors; ``tensors``: constants that are not int64 on
-    the CPU; ``specs``: the results' pytree structures, pickled (the same bytes for the
+    the CPU, ``devices``: where each goes when the plan runs (None: where it is; NOTE
+    [host constants] in plan.py); ``specs``: the results' pytree structures, pickled (the same bytes for the
     same structures: unpickled once per process); ``objects``: the plain values among the
     results; ``meta``: whatever the sender adds (loader.py: what the plan was made
     for, and the planning times)."""
@@ -41,6 +42,8 @@ class Packed:
     specs: bytes
     objects: list
     nodes: int
+    devices: list = field(default_factory=list)
+    device: torch.device | None = None
     meta: dict = field(default_factory=dict)
 
     def pin_memory(self) -> Packed:
@@ -59,6 +62,8 @@ class _Writer:
         self.ints: list = []          # int64 tensors, concatenated at the end
         self.offset = 0
         self.tensors: list = []
+        self.devices: list = []       # where each of ``tensors`` goes (None: as it is)
+        self.device = None            # where host constants of the int64 tensor go
         self.objects: list = []
 
     def signature(self, sig) -> int:
@@ -68,9 +73,11 @@ class _Writer:
             self.keys.append(self.key_of(sig))
         return n
 
-    def int_slice(self, t: torch.Tensor) -> None:
+    def int_slice(self, t: torch.Tensor, host: bool = False) -> None:
+        """``t`` as a slice of the one int64 tensor; ``host``: read from its host copy
+        (a CPU constant), else from its copy on the device the plan runs on."""
         self.ints.append(t)
-        self.code += (self.offset, t.numel())
+        self.code += (self.offset, t.numel(), 0 if host else 1)
         self.offset += t.numel()
 
     def spec(self, spec) -> None:
@@ -83,16 +90,20 @@ class _Writer:
             code.append(spec.detach)
         elif kind is Values or kind is Stacked:
             value = spec.tensor if kind is Values else _stacked(spec.tensors)
-            if _is_cpu_int64(value) and value.dim() == 1:
+            device = spec.device if kind is Values else None
+            if device is not None and self.device in (None, device):
+                self.device = device        # NOTE [host constants]: the one device
+            if _is_cpu_int64(value) and value.dim() == 1 and device in (None, self.device):
                 code.append(_INTS)
-                self.int_slice(value)
+                self.int_slice(value, host=device is None)
             else:
                 code += (_TENSOR, len(self.tensors))
                 self.tensors.append(value)
+                self.devices.append(device)
         elif kind is Joined:
             code += (_JOINED, len(spec.parts))
             if spec.order is None:
-                code += (-1, 0)
+                code += (-1, 0, 1)
             else:
                 self.int_slice(spec.order)
             for part in spec.parts:
@@ -109,6 +120,7 @@ class _Writer:
         else:
             self.code += (_TENSOR, len(self.tensors))
             self.tensors.append(value)
+            self.devices.append(None)
 
 
 def _is_cpu_int64(t: torch.Tensor) -> bool:
@@ -151,7 +163,8 @@ def pack(plan: Plan, key_of, nodes: int = 0) -> Packed:
                     w.objects.append(place[1])
         ints = torch.cat(w.ints) if w.ints else torch.empty(0, dtype=torch.int64)
     return Packed(w.keys, torch.tensor(code, dtype=torch.int64), ints, w.tensors,
-                  pickle.dumps(specs, protocol=pickle.HIGHEST_PROTOCOL), w.objects, nodes)
+                  pickle.dumps(specs, protocol=pickle.HIGHEST_PROTOCOL), w.objects, nodes,
+                  w.devices, w.device)
 
 
 _specs: dict = {}       # pickled result structures -> the structures
@@ -169,11 +182,12 @@ def _specs_of(data: bytes) -> list:
 
 
 class _Reader:
-    def __init__(self, packed: Packed, ints: torch.Tensor):
+    def __init__(self, packed: Packed, host: torch.Tensor, ints: torch.Tensor):
         self.code = packed.code.tolist()
         self.at = 0
-        self.ints = ints
-        self.tensors = packed.tensors
+        self.host, self.ints = host, ints
+        self.tensors = [t if d is None else t.to(d, non_blocking=True)
+                        for t, d in zip(packed.tensors, packed.devices)]
 
     def next(self) -> int:
         self.at += 1
@@ -185,8 +199,8 @@ class _Reader:
         return tuple(self.code[at:at + n])
 
     def int_slice(self) -> torch.Tensor:
-        start, n = self.take(2)
-        return self.ints[start:start + n]
+        start, n, where = self.take(3)
+        return (self.ints if where else self.host)[start:start + n]
 
     def spec(self):
         kind = self.next()
@@ -203,8 +217,9 @@ class _Reader:
             return Values(self.tensors[self.next()])
         if kind == _JOINED:
             n = self.next()
-            start, length = self.take(2)
-            order = None if start < 0 else self.ints[start:start + length]
+            order = None if self.code[self.at] < 0 else self.int_slice()
+            if order is None:
+                self.at += 3
             return Joined(tuple(self.spec() for _ in range(n)), order)
         raise ValueError(f"a packed plan with a gather of unknown kind {kind}")
 
@@ -218,12 +233,14 @@ class _Reader:
 
 
 def unpack(packed: Packed, signatures: list, device=None) -> Plan:
-    """The Plan again, its signature number k being ``signatures[k]``; the index tensor
-    moved to ``device`` first when one is given (one copy for the whole plan)."""
-    ints = packed.ints
+    """The Plan again, its signature number k being ``signatures[k]``; the int64 tensor
+    moved to ``device`` (else to the device its host constants go to) first, when there
+    is one: one copy for the whole plan."""
+    host = ints = packed.ints
+    device = device if device is not None else packed.device
     if device is not None and ints.device != device:
         ints = ints.to(device, non_blocking=True)
-    r = _Reader(packed, ints)
+    r = _Reader(packed, host, ints)
     plan = Plan()
     steps = plan.steps
     for _ in range(r.next()):

@@ -167,6 +167,9 @@ def main(argv=None) -> dict:
                     help="first time K minibatches: eager vs dynbatch (each --blocks choice)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="plan each minibatch ahead in N db.DataLoader workers (0: trace "
+                         "and schedule in the training step)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = ap.parse_args(argv)
     if args.threads:
@@ -214,6 +217,11 @@ def main(argv=None) -> dict:
     results: dict = {"args": vars(args), "epochs": [], "speed_check": speeds,
                      "sizes": {"train": len(train), "dev": len(dev), "test": len(test),
                                "vocab": len(vocab)}}
+    loader = None
+    if args.workers:        # plans made ahead; the loader shuffles (never the list in place)
+        loader = db.DataLoader(train, tree_loss, model, batch_size=args.batch, shuffle=True,
+                               num_workers=args.workers, persistent_workers=True,
+                               generator=torch.Generator().manual_seed(args.seed))
     best_dev, best_epoch = -1.0, 0
     t_train = time.perf_counter()
     deadline = t_train + 60 * args.time_budget
@@ -221,16 +229,19 @@ def main(argv=None) -> dict:
     while epoch < args.epochs and time.perf_counter() < deadline:
         epoch += 1
         model.train()
-        random.shuffle(train)
+        if loader is None:
+            random.shuffle(train)
         batches = range(0, len(train), args.batch)
+        chunks = iter(loader) if loader is not None else \
+            (train[i:i + args.batch] for i in batches)
         bar = None
         if tqdm is not None and not args.no_progress:
             bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False,
                        mininterval=1.0 if sys.stderr.isatty() else 30.0)
         seen, total, t0, train_s = 0, 0.0, time.perf_counter(), 0.0
         for start_i in (bar if bar is not None else batches):
-            chunk = train[start_i:start_i + args.batch]
-            ts = time.perf_counter()
+            ts = time.perf_counter()        # (the wait for a plan made ahead included)
+            chunk = next(chunks)
             optim.zero_grad()
             # Mean over trees of each tree's summed node losses (the paper's code).
             loss = torch.stack(tree_loss(chunk, model)).mean()

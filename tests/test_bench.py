@@ -64,14 +64,16 @@ def test_quick_tiny_run_agrees_and_writes_outputs(tmp_path: Path, tiny_sst: Path
     result = json.loads((out / "bench.json").read_text())
     assert result["agreement_ok"]
 
-    expected = {"eager", "hand", "dynbatch-agenda", "dynbatch-depth"}
+    expected = {"eager", "hand", "dynbatch-agenda", "dynbatch-depth", "dynbatch-agenda-w1",
+                "dynbatch-agenda-w2"}
     # Never import DyNet here: it slows PyTorch in the same process (harness.ProcessRunner).
     if importlib.util.find_spec("dynet") is not None:
         expected.add("dynet")
     if peers.torchfold_status() is None:
         expected.add("torchfold")
     for task in ("sst128", "ast", "tagger"):
-        want = expected | ({"dynbatch-blocks-agenda", "dynbatch-blocks-depth"}
+        want = expected | ({"dynbatch-blocks-agenda", "dynbatch-blocks-depth", "hand-w1",
+                            "dynbatch-blocks-agenda-w1", "dynbatch-blocks-agenda-w2"}
                            if task == "sst128" else set())
         agreement = result["tasks"][task]["agreement"]
         assert set(agreement) == want, task

@@ -43,13 +43,13 @@ def small_sst(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("task", ["fine", "binary"])
-def test_sst_treelstm_trains(small_sst, tmp_path, task, capsys):
+@pytest.mark.parametrize("task, workers", [("fine", 0), ("binary", 1)])
+def test_sst_treelstm_trains(small_sst, tmp_path, task, workers, capsys):
     example = load_example("sst_treelstm")
     results = example.main([
         "--task", task, "--data", str(small_sst), "--out", str(tmp_path), "--limit", "40",
         "--epochs", "3", "--embed-dim", "16", "--hidden-dim", "16", "--no-progress",
-        "--speed-check", "1", "--threads", "1"])
+        "--speed-check", "1", "--threads", "1", "--workers", str(workers)])
     losses = [e["loss"] for e in results["epochs"]]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert 0.0 <= results["test_acc"] <= 1.0

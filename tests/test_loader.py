@@ -399,3 +399,38 @@ def test_a_label_from_the_example_shuffled_in_one_worker():
     loader = db.DataLoader(data, ce, lin, batch_size=4, shuffle=True, num_workers=1)
     for batch in loader:
         assert_same(ce(batch, lin), ce(list(batch), lin), "ce")
+
+
+def test_examples_shuffled_in_place_after_the_loader_was_made_are_refused():
+    """A forked worker plans its own copy of the examples: one shuffled in place here
+    afterwards would silently pair the plan's results with other examples."""
+    model = Branchy().double()
+    examples = vectors(8)
+    loader = db.DataLoader(examples, branchy, model, batch_size=4, num_workers=1,
+                           persistent_workers=True)
+    assert len([b for b in loader]) == 2
+    random.Random(0).shuffle(examples)
+    with pytest.raises(PlanError, match="examples changed"):
+        next(iter(loader))
+
+
+def test_host_constants_travel_with_their_device():
+    """NOTE [host constants]: constants a worker made on the host for a device are read
+    from the device copy of the one int64 tensor, or moved, when the plan runs."""
+    torch.manual_seed(0)
+    model = TM.CellBlocks(VOCAB, DIM, DIM, TM.CLASSES).double()
+    examples = binary_trees(6)
+    the_plan = session.plan_ahead(tree_loss.fn, examples, (model,))
+    cpu = torch.device("cpu")
+    tagged = 0
+    for step in the_plan.steps:
+        for k, (spec, inputs) in enumerate(step.gathers):
+            if type(spec).__name__ == "Values":
+                step.gathers[k] = (spec._replace(device=cpu), inputs)
+                tagged += 1
+    assert tagged
+    packed = wire.pack(the_plan, refs.SignatureKeys((model,)))
+    assert packed.device == cpu
+    table = refs.Signatures((model,), lambda: session.Run("agenda"))
+    again = wire.unpack(packed, [table(k) for k in packed.signatures])
+    assert_same(session.run_plan(again), tree_loss(examples, model), "host constants")
