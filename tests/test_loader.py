@@ -434,3 +434,8 @@ def test_host_constants_travel_with_their_device():
     table = refs.Signatures((model,), lambda: session.Run("agenda"))
     again = wire.unpack(packed, [table(k) for k in packed.signatures])
     assert_same(session.run_plan(again), tree_loss(examples, model), "host constants")
+
+
+def test_batch_sampler_excludes_the_other_batching_arguments():
+    with pytest.raises(ValueError, match="batch_sampler excludes"):
+        db.DataLoader(vectors(4), branchy, Branchy(), batch_sampler=[[0, 1]], shuffle=True)
