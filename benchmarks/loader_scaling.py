@@ -5,10 +5,12 @@ and how the step scales with the number of workers.
     python benchmarks/loader_scaling.py                 # sst128, B=64, 0/1/2/4 workers
     python benchmarks/loader_scaling.py --workers 1,2 --steps 12 --forms blocks
 
-For each form (per-op code, blocks) and worker count, one loader trains for ``--steps``
-minibatches of SST trees (1 torch thread), and reports medians over the second half of
-the steps (NOTE [steady state] in benchmarks/harness.py): the whole step; the main process's
-forward call (unpacking the plan, gathers, batched calls, results), split into unpacking
+For each form (per-op code, blocks) and worker count w, one loader trains for ``--steps``
++ 8 w minibatches of SST trees (1 torch thread), and reports, over the last ``--steps``
+// 2 of them (NOTE [steady state] in benchmarks/harness.py: the plans made side by side
+while the first was awaited, up to 2 w, are consumed before that window), the mean step
+(plans arrive in bursts: most steps find one waiting, a few wait long), and medians of
+the main process's forward call (unpacking the plan, gathers, batched calls, results), split into unpacking
 and executing; the forward's microseconds per batched call; backward and optimizer. The
 inline ``@db.batched`` call (tracing and scheduling in the step) and hand-batched code run
 (inline, and with its routing made in a DataLoader worker) on the same minibatches as
@@ -56,22 +58,23 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", default="0,1,2,4")
     ap.add_argument("--forms", default="perop,blocks")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=16,
+                    help="steps without workers; with w workers 8 w more")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sst-dir", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    task = T.load_task_or_exit("sst128", limit=args.batch * args.steps,
-                               sst_dir=T.sst_dir(args.sst_dir))
-    B = args.batch
-    idx = [list(range(k * B, (k + 1) * B)) for k in range(args.steps)]
-    trees = [[task.examples[i] for i in mb] for mb in idx]
-    loss = T._DB_FNS["tree_loss", "agenda"]
     workers = [int(w) for w in args.workers.split(",")]
+    B = args.batch
+    most = args.steps + 8 * max(workers)
+    task = T.load_task_or_exit("sst128", limit=B * most, sst_dir=T.sst_dir(args.sst_dir))
+    idx = [list(range(k * B, (k + 1) * B)) for k in range(most)]
+    trees = [[task.examples[i] for i in mb] for mb in idx[:args.steps]]
+    loss = T._DB_FNS["tree_loss", "agenda"]
     rows: dict = {}
 
     def record(name, steps):
-        rows.setdefault(name, []).extend(steps[len(steps) // 2:])
+        rows.setdefault(name, []).extend(steps[-(args.steps // 2):])
 
     def hand_routed(model, routed):
         return hb.handbatched_binary_treelstm_loss(model, range(routed[0]), routed[1])
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         record("hand", steps_of(T.make_model(task), trees,
                                 hb.handbatched_binary_treelstm_loss))
-        routing = torch.utils.data.DataLoader(task.examples, batch_sampler=idx, num_workers=1,
+        routing = torch.utils.data.DataLoader(task.examples, batch_sampler=idx[:args.steps + 8],
+                                              num_workers=1,
                                               collate_fn=lambda b: (len(b),
                                                                     hb.binary_routing(b)))
         record("hand, routing in 1 worker", steps_of(T.make_model(task), routing,
@@ -90,19 +94,22 @@ def main(argv=None) -> int:
                                               lambda m, b: torch.stack(loss(b, m))))
             for w in workers:
                 model = prepare(T.make_model(task))
-                loader = db.DataLoader(task.examples, loss, model, batch_sampler=idx,
-                                       num_workers=w)
+                loader = db.DataLoader(task.examples, loss, model,
+                                       batch_sampler=idx[:args.steps + 8 * w], num_workers=w)
                 record(f"{form} {w} worker{'s' if w != 1 else ''}",
                        steps_of(model, loader, lambda m, b: torch.stack(loss(b, m))))
     hand = statistics.median(r["step"] for r in rows["hand"])
-    print(f"sst128, B={B}, 1 torch thread, {args.rounds} rounds of {args.steps} steps; "
-          "medians in ms over the second half of each run's steps\n")
+    print(f"sst128, B={B}, 1 torch thread, {args.rounds} rounds; "
+          f"ms over the last {args.steps // 2} steps of each run: the mean step, median phases\n")
     print("| form | step | × hand | forward | unpack | execute | µs per batched call "
           "(forward) | backward + Adam |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, rs in rows.items():
         med = {k: statistics.median(r[k] for r in rs if r[k] is not None)
-               for k in ("step", "forward", "backward", "unpack", "execute", "batches")}
+               for k in ("forward", "backward", "unpack", "execute", "batches")}
+        # the mean, not the median: with several workers plans arrive in bursts, so most
+        # steps find one waiting and a few wait long; throughput is the mean
+        med["step"] = statistics.fmean(r["step"] for r in rs)
         per_call = 1e6 * med["forward"] / med["batches"] if med["batches"] else float("nan")
         print(f"| {name} | {1e3 * med['step']:.1f} | {hand / med['step']:.2f}× | "
               f"{1e3 * med['forward']:.1f} | {1e3 * med['unpack']:.1f} | "
