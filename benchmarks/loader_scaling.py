@@ -110,11 +110,13 @@ def main(argv=None) -> int:
         # the mean, not the median: with several workers plans arrive in bursts, so most
         # steps find one waiting and a few wait long; throughput is the mean
         med["step"] = statistics.fmean(r["step"] for r in rs)
-        per_call = 1e6 * med["forward"] / med["batches"] if med["batches"] else float("nan")
+        if name.startswith("hand"):     # no dynbatch call: its stats are another row's
+            parts = "– | – | –"
+        else:
+            parts = (f"{1e3 * med['unpack']:.1f} | {1e3 * med['execute']:.1f} | "
+                     f"{1e6 * med['forward'] / med['batches']:.0f}")
         print(f"| {name} | {1e3 * med['step']:.1f} | {hand / med['step']:.2f}× | "
-              f"{1e3 * med['forward']:.1f} | {1e3 * med['unpack']:.1f} | "
-              f"{1e3 * med['execute']:.1f} | "
-              f"{per_call:.0f} | {1e3 * med['backward']:.1f} |")
+              f"{1e3 * med['forward']:.1f} | {parts} | {1e3 * med['backward']:.1f} |")
     return 0
 
 

@@ -583,3 +583,84 @@ def test_offset_constants_and_duplicates_change_nothing(graph, data):
         assert got == schedule(strategy, sigs, plain, 0, targets), strategy
         assert got == schedule(strategy, sigs, doubled, offset, targets), strategy
         assert got == schedule(strategy, list(sigs), list(inputs), offset, targets), strategy
+
+
+# -- the agenda against a plain reference ---------------------------------------------------
+
+def agenda_reference(signatures, inputs, offset=0, targets=None):
+    """The agenda written as plainly as it can be (lists of users, a max over the ready
+    signatures): the oracle for schedule.py's leaner loop, which must give the same
+    batches, in the same order, with their nodes in the same order."""
+    n = len(signatures)
+    inputs = [[j - offset for j in ins if j - offset >= 0] for ins in inputs]
+    users = [[] for _ in range(n)]
+    for i, ins in enumerate(inputs):
+        for j in ins:
+            users[j].append(i)
+    live = [targets is None] * n
+    for t in targets or ():
+        live[t] = True
+    height = [0] * n
+    for i in range(n - 1, -1, -1):
+        for u in users[i]:
+            if live[u]:
+                height[i] = max(height[i], height[u] + 1)
+                live[i] = True
+    waiting = [len(ins) for ins in inputs]
+    ready, top, batches = {}, {}, []
+    released = [i for i in range(n) if not inputs[i] and live[i]]
+    while True:
+        for u in released:
+            ready.setdefault(signatures[u], []).append(u)
+            top[signatures[u]] = max(top.get(signatures[u], -1), height[u])
+        if not ready:
+            return batches
+        best = max(ready, key=lambda s: (top[s], len(ready[s])))   # max keeps the first
+        members = ready.pop(best)
+        del top[best]
+        batches.append((best, members))
+        released = []
+        for i in members:
+            for u in users[i]:
+                waiting[u] -= 1
+                if waiting[u] == 0 and live[u]:
+                    released.append(u)
+
+
+@settings(max_examples=150, deadline=None)
+@given(dags(), st.data())
+def test_agenda_equals_the_plain_reference(graph, data):
+    sigs, inputs, offset = graph
+    targets = data.draw(maybe_targets(len(sigs)))
+    got = agenda_schedule(sigs, inputs, offset, targets)
+    assert as_lists(got) == agenda_reference(sigs, inputs, offset, targets)
+
+
+def test_agenda_equals_the_loop_on_wide_trees():
+    # 40 binary trees of 3 signatures (leaf, node, loss on every node), nodes interleaved
+    # across trees as a minibatch records them: many nodes per batch, many ties
+    import random
+    rng = random.Random(3)
+    sigs, inputs = [], []
+
+    def tree(depth):
+        if depth == 0 or rng.random() < 0.3:
+            sigs.append("leaf")
+            inputs.append(())
+        else:
+            left, right = tree(depth - 1), tree(depth - 1)
+            sigs.append("node")
+            inputs.append((left, right))
+        me = len(sigs) - 1
+        sigs.append("loss")
+        inputs.append((me,))
+        return me
+
+    for _ in range(40):
+        tree(rng.randint(0, 7))
+    got = agenda_schedule(sigs, inputs)
+    assert as_lists(got) == agenda_reference(sigs, inputs)
+    assert len(got) < 20 < len(sigs) // 20
+    losses = [n for n in range(len(sigs)) if sigs[n] == "loss"]
+    assert as_lists(agenda_schedule(sigs, inputs, 0, losses[::3])) == \
+        agenda_reference(sigs, inputs, 0, losses[::3])
