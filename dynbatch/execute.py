@@ -10,6 +10,7 @@ user's line) or a rule is at fault (said loudly; an error in strict mode).
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import torch
@@ -23,11 +24,15 @@ DEBUG = os.environ.get("DYNBATCH_DEBUG", "") not in ("", "0")
 _warned: set = set()
 
 
-def execute(plan, store: list, stats, where_of) -> None:
+def execute(plan, store: list, stats, where_of, site_of=None) -> None:
     """Run ``plan``; ``store`` gets one entry (the tuple of outputs) per step.
-    ``where_of(node id)`` names a node's example and line for messages."""
+    ``where_of(node id)`` names a node's example and line for messages; ``site_of(node
+    id)``, the user's line that recorded it, for the stats' rows (default: where its
+    signature was first recorded, perhaps in another run)."""
     now = state_now()
+    clock = time.perf_counter
     with torch._C.DisableTorchFunction():
+        t0 = clock()
         for step in plan.steps:
             sig = step.sig
             if sig.how == "loop" and fallback.STRICT:
@@ -52,13 +57,18 @@ def execute(plan, store: list, stats, where_of) -> None:
                     out = _recover(step, values, err, where_of)
                 recovered = True
                 _check(sig, out, len(step.nodes))
-            if recovered or sig.how == "loop":
+            per_example = recovered or sig.how == "loop"
+            if per_example:
                 stats.fallbacks += len(step.nodes)
             store.append(out)
             for number in step.frees:
                 store[number] = None
             stats.batches += 1
             stats.vmap_batches += sig.how == "vmap"
+            t1 = clock()
+            stats.count(sig, len(step.nodes), t1 - t0, per_example,
+                        step.nodes[0], site_of)
+            t0 = t1
             if DEBUG:
                 print(f"dynbatch: batch {stats.batches:4d} {sig!r} x{len(step.nodes)} "
                       f"({sig.how})")

@@ -1,11 +1,49 @@
-"""Counters and timings of a run, behind ``db.stats()`` (the last run of this thread).
+"""Counters and timings of a run, behind ``db.stats()`` (the last run of this thread): the
+totals, a row per signature (``table()``) and the order the batches ran in (``plot()``).
 
 ``DYNBATCH_DEBUG=1`` in the environment prints every batch as it runs (execute.py).
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
+
+from .errors import RawSite, Site
+
+# how a signature's batches ran, as the table says it
+HOW = {"rule": "direct rule", "block": "block", "vmap": "vmap", "loop": "per example"}
+
+
+@dataclass
+class SignatureRow:
+    """One signature of a run: ``name`` (the op or block), ``kind`` ("op", "block", ...),
+    ``how`` it ran (a key of ``HOW``; "loop" when any of its batches ran one example at
+    a time), ``site`` (the user's line that first recorded it), its ``nodes``, ``batches``
+    and ``seconds`` (gathering its inputs and its batched calls)."""
+
+    name: str
+    kind: str
+    how: str
+    site: RawSite | None
+    nodes: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def where(self) -> str:
+        """'file.py:57 in function' (the path relative to the working directory when the
+        file lies under it), or '?' when dynbatch saw no user frame."""
+        site = Site.of(self.site)
+        if site is None:
+            return "?"
+        path = site.filename
+        try:
+            rel = os.path.relpath(path)
+            path = rel if not rel.startswith("..") else path
+        except ValueError:      # another drive (Windows)
+            pass
+        return f"{path}:{site.lineno} in {site.function}"
 
 
 @dataclass
@@ -15,7 +53,11 @@ class Stats:
     ``vmap_batches``: batches that went through torch.func.vmap; ``rounds``: times the
     examples were suspended at reads of values and resumed; ``signatures``: distinct
     signatures among the batches run; ``free_lists_s``: emptying the interpreter's free
-    lists at the close of a large run (session.py); times in seconds."""
+    lists at the close of a large run (session.py); times in seconds.
+
+    ``rows()``: a ``SignatureRow`` per signature run; ``timeline``: per batch in execution
+    order, (its row's index in ``rows()``, nodes); ``reads``: for each suspension at a read,
+    the number of batches run before it."""
 
     strategy: str = ""
     examples: int = 0
@@ -30,6 +72,67 @@ class Stats:
     signatures: int = 0
     rounds: int = 0
     extra: dict = field(default_factory=dict)
+    timeline: list = field(default_factory=list)
+    reads: list = field(default_factory=list)
+    # id(signature) -> (row index, row); ids stay unique while the run holds its
+    # signatures, and the rows hold no signature, so the stats keep no model alive
+    _rows: dict = field(default_factory=dict, repr=False)
+
+    def count(self, sig, nodes: int, seconds: float, per_example: bool, first: int,
+              site_of=None) -> None:
+        """A batch of ``nodes`` nodes of ``sig`` ran (execute.py); ``first``: the id of
+        its first node, ``site_of(id)`` the user's line that recorded a node."""
+        entry = self._rows.get(id(sig))
+        if entry is None:
+            site = site_of(first) if site_of is not None else None
+            entry = self._rows[id(sig)] = (len(self._rows), SignatureRow(
+                sig.name, sig.kind, sig.how, site if site is not None else sig.site))
+        index, row = entry
+        row.nodes += nodes
+        row.batches += 1
+        row.seconds += seconds
+        if per_example:
+            row.how = "loop"
+        self.timeline.append((index, nodes))
+
+    def rows(self) -> list[SignatureRow]:
+        """The signatures run, in the order their first batch ran."""
+        return [row for _, row in self._rows.values()]
+
+    def table(self) -> str:
+        """A row per signature, the most time first: how it ran, where it was recorded,
+        nodes, batches, milliseconds::
+
+            print(db.stats().table())
+        """
+        rows = sorted(self.rows(), key=lambda r: -r.seconds)
+        total = sum(r.seconds for r in rows) or 1.0
+        head = ("    ms   share  batches    nodes  per batch  how          signature",
+                "                                                          recorded at")
+        lines = [str(self), "", *head]
+        for r in rows:
+            lines.append(f"{r.seconds * 1e3:6.1f} {100 * r.seconds / total:6.1f}% "
+                         f"{r.batches:8d} {r.nodes:8d} {r.nodes / r.batches:10.1f}  "
+                         f"{HOW.get(r.how, r.how):12s} {r.name}")
+            lines.append(f"{'':58s}{r.where}")
+        if not rows:
+            lines.append("(no batch ran)")
+        return "\n".join(lines)
+
+    def plot(self, path, title: str | None = None):
+        """Write a picture of the run's schedule to ``path`` (PNG, or any format
+        matplotlib knows by the suffix): a row per signature, batches left to right in
+        execution order, each coloured by its nodes, reads of values marked. Needs
+        matplotlib (``pip install matplotlib``); returns the figure."""
+        from .picture import schedule_figure    # matplotlib only when asked for
+        # 'Linear (block) tree_lstm.py:39': one module's calls at two lines are two rows
+        labels = [f"{r.name} ({HOW.get(r.how, r.how)}) "
+                  f"{os.path.basename(r.where.split(' in ')[0])}" for r in self.rows()]
+        fig = schedule_figure(labels, self.timeline, self.reads, title or (
+            f"dynbatch schedule ({self.strategy}): {self.nodes} nodes of "
+            f"{self.examples} examples in {self.batches} batches"))
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        return fig
 
     @property
     def nodes_per_batch(self) -> float:

@@ -183,13 +183,16 @@ class Run(trace.Tracer):
         self.signatures_run.update(step.sig for step in the_plan.steps)
         if plan_only:
             return the_plan
-        execute.execute(the_plan, self.store, self.stats, self.where_of)
+        execute.execute(the_plan, self.store, self.stats, self.where_of, self.site_of)
         while graph.first_pending < len(nodes) and batch_of[graph.first_pending] is not None:
             graph.first_pending += 1
         self.stats.execute_s += time.perf_counter() - t1
 
     def _kept(self, node_id: int) -> bool:
         return _getrefcount(self.graph.nodes[node_id]) > _BASELINE - 1
+
+    def site_of(self, node_id: int):
+        return self.graph.nodes[node_id].site
 
     def where_of(self, node_id: int, order: bool = False):
         example = self.graph.example_of(node_id)
@@ -242,6 +245,8 @@ class Run(trace.Tracer):
         elif self.main is None and not self.scope and self.stats.examples > 1:
             _warn_serial_reads()
         if any(not graph.computed(n.id) for n in pending):
+            if self.main is None:       # a read in a scope or one example: runs here
+                self.stats.reads.append(self.stats.batches)
             self.execute(pending)
 
     def read(self, fn, args, kwargs):
@@ -294,6 +299,7 @@ class Run(trace.Tracer):
                         suspended.append((i, task))
                 if suspended:
                     self.stats.rounds += 1
+                    self.stats.reads.append(self.stats.batches)
                     restore(caller)
                     wanted, self.wanted = self.wanted, []
                     self.execute(wanted)

@@ -135,10 +135,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--speed-batches", type=int, default=3,
                     help="minibatches timed per implementation")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on a shared or small machine more "
+                         "threads make small batched ops slower; 0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()} (--threads N; 0 keeps torch's default)")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 

@@ -166,7 +166,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--speed-check", type=int, default=0, metavar="K",
                     help="first time K minibatches: eager vs dynbatch (each --blocks choice)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on a shared or small machine more "
+                         "threads make small batched ops slower; 0: torch's default)")
     ap.add_argument("--workers", type=int, default=0, metavar="N",
                     help="plan each minibatch ahead in N db.DataLoader workers (0: trace "
                          "and schedule in the training step)")
@@ -174,6 +176,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()} (--threads N; 0 keeps torch's default)")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     start = time.perf_counter()

@@ -41,7 +41,8 @@ LAYERS = [
      "dynbatch.rules.fallback"],
     ["dynbatch.results"],
     ["dynbatch.graph", "dynbatch.template"],
-    ["dynbatch.lazy", "dynbatch.state", "dynbatch.profile", "dynbatch.errors"],
+    ["dynbatch.profile"],                                   # db.stats(): counters, table
+    ["dynbatch.lazy", "dynbatch.state", "dynbatch.errors", "dynbatch.picture"],
 ]
 LAYER = {name: k for k, names in enumerate(LAYERS) for name in names}
 APPLICATIONS = ("dynbatch.models", "dynbatch.data")
