@@ -24,16 +24,15 @@ DEBUG = os.environ.get("DYNBATCH_DEBUG", "") not in ("", "0")
 _warned: set = set()
 
 
-def execute(plan, store: list, stats, where_of, site_of=None) -> None:
+def execute(plan, store: list, stats, where_of) -> None:
     """Run ``plan``; ``store`` gets one entry (the tuple of outputs) per step.
-    ``where_of(node id)`` names a node's example and line for messages; ``site_of(node
-    id)``, the user's line that recorded it, for the stats' rows (default: where its
-    signature was first recorded, perhaps in another run)."""
+    ``where_of(node id)`` names a node's example and line for messages."""
     now = state_now()
     clock = time.perf_counter
     with torch._C.DisableTorchFunction():
+        sites = plan.sites if len(plan.sites) == len(plan.steps) else None
         t0 = clock()
-        for step in plan.steps:
+        for k, step in enumerate(plan.steps):
             sig = step.sig
             if sig.how == "loop" and fallback.STRICT:
                 raise FallbackError(f"dynbatch would run {sig.name} one example at a time "
@@ -67,7 +66,7 @@ def execute(plan, store: list, stats, where_of, site_of=None) -> None:
             stats.vmap_batches += sig.how == "vmap"
             t1 = clock()
             stats.count(sig, len(step.nodes), t1 - t0, per_example,
-                        step.nodes[0], site_of)
+                        sites[k] if sites is not None else sig.site)
             t0 = t1
             if DEBUG:
                 print(f"dynbatch: batch {stats.batches:4d} {sig!r} x{len(step.nodes)} "

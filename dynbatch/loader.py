@@ -135,6 +135,7 @@ class _Planner:
         packed = wire.pack(made, self._keys[1], stats.nodes)
         packed.meta = {"structure": structure, "state": (request.state, request.modules),
                        "trace_s": stats.trace_s, "schedule_s": stats.schedule_s,
+                       "sites": made.sites,
                        "pack_s": time.perf_counter() - t1, "plan_s": time.perf_counter() - t0}
         return _Planned(list(request), packed, examples, self.ship)
 
@@ -304,6 +305,7 @@ class PlannedBatch(Sequence):
         table = loader.signatures(ids)
         the_plan = wire.unpack(packed, [table(k) for k in packed.signatures],
                                _device_of(structure))
+        the_plan.sites = meta.get("sites") or []
         stats = profile.Stats(strategy=strategy, examples=len(self.examples),
                               nodes=packed.nodes, trace_s=meta["trace_s"],
                               schedule_s=meta["schedule_s"])

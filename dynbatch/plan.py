@@ -93,10 +93,13 @@ class Plan:
     """``steps`` in order; ``first``: the store number of the first step's output;
     ``results``: where each example's results lie once it has run, for a plan made ahead
     (session.plan_ahead): (pytree spec, [("row", store number, output, row,
-    requires_grad) or ("value", value) per leaf])."""
+    requires_grad) or ("value", value) per leaf]); ``sites``: per step, the user's line
+    that recorded its first node (a raw site here, an ``errors.Site`` in a plan from a
+    worker), for ``db.stats()``'s rows."""
     steps: list[Step] = field(default_factory=list)
     first: int = 0
     results: list | None = None
+    sites: list = field(default_factory=list)
 
 
 def index_tensor(values: list[int]) -> torch.Tensor:
@@ -147,6 +150,7 @@ def build(graph, pending: list[Node], batches: list[Batch], first: int, targets:
                 batch_of[i] = number
                 row_of[i] = row
             step.nodes = tuple(ids)
+            plan.sites.append(members[0].site)
             store_members.append(step.nodes)
             for column in columns:
                 for entry in set(column.batches):

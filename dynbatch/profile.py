@@ -25,7 +25,7 @@ class SignatureRow:
     name: str
     kind: str
     how: str
-    site: RawSite | None
+    site: RawSite | Site | None
     nodes: int = 0
     batches: int = 0
     seconds: float = 0.0
@@ -34,7 +34,7 @@ class SignatureRow:
     def where(self) -> str:
         """'file.py:57 in function' (the path relative to the working directory when the
         file lies under it), or '?' when dynbatch saw no user frame."""
-        site = Site.of(self.site)
+        site = self.site if isinstance(self.site, Site) else Site.of(self.site)
         if site is None:
             return "?"
         path = site.filename
@@ -78,13 +78,11 @@ class Stats:
     # signatures, and the rows hold no signature, so the stats keep no model alive
     _rows: dict = field(default_factory=dict, repr=False)
 
-    def count(self, sig, nodes: int, seconds: float, per_example: bool, first: int,
-              site_of=None) -> None:
-        """A batch of ``nodes`` nodes of ``sig`` ran (execute.py); ``first``: the id of
-        its first node, ``site_of(id)`` the user's line that recorded a node."""
+    def count(self, sig, nodes: int, seconds: float, per_example: bool, site) -> None:
+        """A batch of ``nodes`` nodes of ``sig`` ran (execute.py); ``site``: the user's
+        line that recorded its first node."""
         entry = self._rows.get(id(sig))
         if entry is None:
-            site = site_of(first) if site_of is not None else None
             entry = self._rows[id(sig)] = (len(self._rows), SignatureRow(
                 sig.name, sig.kind, sig.how, site if site is not None else sig.site))
         index, row = entry

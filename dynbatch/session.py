@@ -30,7 +30,7 @@ except ImportError:     # without it reads still give exact values, but run unba
     greenlet = None
 
 from . import blocks, execute, intercept, plan, profile, refs, schedule, trace
-from .errors import (DynbatchError, MixedRunError, PlanAheadError, UnsupportedError,
+from .errors import (DynbatchError, MixedRunError, PlanAheadError, Site, UnsupportedError,
                      user_site, warn_at, where)
 from .graph import Constant, Node
 from .infer import warm_up
@@ -183,16 +183,13 @@ class Run(trace.Tracer):
         self.signatures_run.update(step.sig for step in the_plan.steps)
         if plan_only:
             return the_plan
-        execute.execute(the_plan, self.store, self.stats, self.where_of, self.site_of)
+        execute.execute(the_plan, self.store, self.stats, self.where_of)
         while graph.first_pending < len(nodes) and batch_of[graph.first_pending] is not None:
             graph.first_pending += 1
         self.stats.execute_s += time.perf_counter() - t1
 
     def _kept(self, node_id: int) -> bool:
         return _getrefcount(self.graph.nodes[node_id]) > _BASELINE - 1
-
-    def site_of(self, node_id: int):
-        return self.graph.nodes[node_id].site
 
     def where_of(self, node_id: int, order: bool = False):
         example = self.graph.example_of(node_id)
@@ -390,6 +387,10 @@ def plan_ahead(fn, examples, args=(), kwargs=None, strategy: str = "agenda",
                                    "or plan in the main process (num_workers=0)")
         run.stats.trace_s = time.perf_counter() - t0 - run.stats.schedule_s
         the_plan = run.final_plan(outs)
+        # sites as file, line and function: a code object does not travel to another process
+        found: dict = {}
+        the_plan.sites = [found[s] if s in found else found.setdefault(s, Site.of(s))
+                          for s in the_plan.sites]
         nodes = len(run.graph.nodes)
     run.stats.nodes = nodes
     if stats is not None:

@@ -147,3 +147,24 @@ def test_plot_of_a_run_with_no_batch_is_an_error(tmp_path):
     s = db.stats().__class__()
     with pytest.raises(ValueError, match="no batch"):
         s.plot(tmp_path / "x.png")
+
+
+@db.batched
+def tanh_of_linear(x, lin):
+    return torch.tanh(lin(x)).sum()         # <-PLANNED
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_rows_of_a_plan_made_ahead_name_the_users_line(workers):
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3)
+    xs = [torch.randn(3) for _ in range(8)]
+    loader = db.DataLoader(xs, tanh_of_linear, lin, batch_size=4, num_workers=workers)
+    for batch in loader:
+        out = tanh_of_linear(batch, lin)
+        for x, y in zip(batch, out):
+            torch.testing.assert_close(y, torch.tanh(lin(x)).sum())
+    s = db.stats()
+    assert s.extra.get("ahead") and s.batches == 3 and len(s.rows()) == 3, s
+    for row in s.rows():
+        assert row.where.split(" in ")[0].endswith(f"test_stats.py:{line_of('PLANNED')}"), row
