@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import profile
 from .blocks import block
+from .errors import Site, user_site
 from .lazy import LazyTensor, current
 from .results import materialized
 from .schedule import STRATEGIES
@@ -26,11 +27,36 @@ from .session import Run, run_examples
 __all__ = ["batched", "autobatch", "force", "block", "stats", "DataLoader"]
 
 
+def _opaque(fn, recursive: bool = True):
+    """``fn`` behind a wall for torch.compile. NOTE [opaque to torch.compile]: dynamo must
+    not trace dynbatch. A run is Python over per-example objects (greenlets, frames, a
+    graph as long as the minibatch) that dynamo would guard on and compile again for every
+    minibatch. Disabled, an entry point is one graph break in the user's compiled code and
+    runs as plain Python, with everything it calls (the disable is recursive), the user's
+    per-example code included: that code works on lazy tensors, which no compiler sees.
+    Lazy tensors that leave a run (LazyTensor's own methods) are not behind the wall."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)   # torch >= 2.1
+    return fn if disable is None else disable(fn, recursive=recursive)
+
+
+try:    # what torch.compiler.disable calls: private, so only where torch has it
+    from torch._C._dynamo.eval_frame import set_eval_frame as _set_eval_frame
+except ImportError:
+    _set_eval_frame = None
+
+
+def _swap_evaluator(evaluator):
+    """Make ``evaluator`` this thread's frame evaluator (dynamo's hook; None: frames run as
+    plain Python); the one it replaces."""
+    return None if _set_eval_frame is None else _set_eval_frame(evaluator)
+
+
 def stats() -> profile.Stats:
     """Counters and timings of the last finished run of this thread (``profile.Stats``)."""
     return profile.last()
 
 
+@_opaque
 def force(x):
     """The real value of a lazy tensor, or of every lazy tensor in a structure (any
     container torch's pytree knows), executing pending work, batched, first. Plain values
@@ -61,7 +87,11 @@ class _Batched:
         params = list(inspect.signature(fn).parameters)
         self._method = bool(params) and params[0] == "self"
 
-    def __get__(self, instance, owner=None):
+    def __get__(self, instance, *owner):
+        # ``*owner``: where torch.compile(model) meets ``model.forward``, dynamo compiles
+        # this frame on its own and guards on each named argument; a named owner (the
+        # model's class) by identity, one more compiled entry per class until its
+        # recompile limit. An unnamed owner is not guarded.
         if instance is None:
             return self
         return _BoundBatched(self, instance)
@@ -71,6 +101,7 @@ class _Batched:
         """(code for one example, leading arguments, strategy): what db.DataLoader plans."""
         return (self.fn, (), self.strategy) if not self._method else None
 
+    @_opaque
     def __call__(self, *args, **kwargs):
         if self._method:
             if len(args) < 2:
@@ -90,6 +121,7 @@ class _BoundBatched:
     def __init__(self, batched: _Batched, instance):
         self.batched, self.instance = batched, instance
 
+    @_opaque
     def __call__(self, batch, *args, **kwargs):
         b = self.batched
         return run_batched(b.fn, batch, (self.instance,), args, kwargs, b.strategy)
@@ -129,14 +161,32 @@ def _as_examples(batch):
         return list(batch.unbind(0))
     if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence):
         _not_a_sequence(batch)
+    if isinstance(batch, (list, tuple)) and type(batch) not in (list, tuple):
+        # an example that is itself a sequence (nltk.Tree subclasses list): as a minibatch
+        # its children would run as examples, silently; a batch is a plain list or tuple
+        base = "list" if isinstance(batch, list) else "tuple"
+        raise TypeError(f"the minibatch is a {_type_name(batch)}, a subclass of {base}: "
+                        f"that looks like one example; pass a list of examples ([example] "
+                        f"to run one){_called()}")
     return batch
+
+
+def _type_name(x) -> str:
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 def _not_a_sequence(batch):
     raise TypeError(f"the minibatch must be a sequence of examples (a list or tuple), got "
-                    f"{type(batch).__name__}; to run one example, pass [example]")
+                    f"{type(batch).__name__}; to run one example, pass [example]{_called()}")
 
 
+def _called() -> str:
+    site = Site.of(user_site())
+    return "" if site is None else f"\n  called at {site}"
+
+
+@_opaque
 def run_batched(fn, batch, leading, args, kwargs, strategy):
     if type(batch) is PlannedBatch:     # from db.DataLoader: its plan was made ahead
         return batch.run(fn, leading, args, kwargs, strategy)
@@ -148,8 +198,7 @@ def run_batched(fn, batch, leading, args, kwargs, strategy):
     return run_examples(fn, list(examples), leading, args, kwargs, strategy)
 
 
-@contextlib.contextmanager
-def autobatch(strategy: str = "agenda"):
+def autobatch(strategy: str = "agenda") -> _Scope:
     """Scope form: every torch call on per-example data inside is recorded; leaving the
     scope executes everything still needed, batched. Inside, ``db.force(y)``,
     ``y.item()``, ``bool(y)`` give values at once; afterwards ``y.value`` is the real
@@ -160,6 +209,44 @@ def autobatch(strategy: str = "agenda"):
         outs = [y.value for y in ys]
     """
     _check_strategy(strategy)
+    return _Scope(_scope(strategy))
+
+
+class _Scope:
+    """What ``db.autobatch()`` returns: the scope's run, with torch.compile paused in this
+    thread from entering the scope to leaving it. NOTE [opaque to torch.compile], for a
+    scope: its body is the user's code recording on lazy tensors, so no frame may be
+    compiled until the scope closes, and a disabled function cannot cover a ``with`` body.
+    So entering swaps the thread's frame evaluator for None, as torch.compiler.disable
+    does around a call, and leaving puts it back. Both methods are disabled without
+    recursion: dynamo does not trace their own frames, and the evaluator they swap is the
+    one the user's code runs under."""
+
+    __slots__ = ("_cm", "_evaluator")
+
+    def __init__(self, cm):
+        self._cm = cm
+
+    def __enter__(self):
+        self._evaluator = _swap_evaluator(None)
+        try:
+            return self._cm.__enter__()
+        except BaseException:
+            _swap_evaluator(self._evaluator)
+            raise
+
+    def __exit__(self, kind, err, tb):
+        try:
+            return self._cm.__exit__(kind, err, tb)
+        finally:
+            _swap_evaluator(self._evaluator)
+
+    __enter__ = _opaque(__enter__, recursive=False)
+    __exit__ = _opaque(__exit__, recursive=False)
+
+
+@contextlib.contextmanager
+def _scope(strategy: str):
     if current.tracer is not None:
         yield current.tracer
         return

@@ -102,13 +102,15 @@ def uninstall() -> None:
 
 class BlockFunction:
     """A function marked with ``db.block``: the identity its nodes' signatures name.
+    ``compile_options``: torch.compile's keywords for its replay, None to replay as is.
     ``key``: (module, qualname, k), k counting earlier marks of a function of that name
     in this process; marks made at import time get the same key in every process that
     imports the module (refs.py names a block by it)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, compile_options: dict | None = None):
         functools.update_wrapper(self, fn)
         self.fn = fn
+        self.compile_options = compile_options
         marks = _marks.setdefault((fn.__module__, fn.__qualname__), [])
         self.key = (fn.__module__, fn.__qualname__, len(marks))
         marks.append(self)
@@ -126,7 +128,7 @@ def marked(key: tuple) -> BlockFunction | None:
     return marks[key[2]] if key[2] < len(marks) else None
 
 
-def block(obj):
+def block(obj=None, *, compile=False):
     """Mark a function, an nn.Module subclass or a module instance as a block: each call is
     recorded as one node and batched as a whole. It must be a pure function of its
     arguments (no reads of tensor values, no randomness, no state changes)::
@@ -134,19 +136,35 @@ def block(obj):
         @db.block
         def cell(x, h, W):
             return torch.tanh(W @ torch.cat([x, h]))
+
+    ``compile=True`` (or a dict of torch.compile's keyword arguments, such as
+    ``{"backend": "aot_eager"}``) runs the block's batched body through
+    ``torch.compile(..., dynamic=True)``: NOTE [compiled blocks] in codegen.py. It applies
+    to blocks whose body dynbatch traces, not to the built-in modules (Linear, LSTMCell,
+    ...), which are one batched torch call already.
     """
+    options = _compile_options(compile)
+    if obj is None:
+        return lambda o: block(o, compile=compile)
     if isinstance(obj, type) and issubclass(obj, nn.Module):
         obj._dynbatch_block = True
+        obj._dynbatch_compile = options
         return obj
     if isinstance(obj, nn.Module):
         object.__setattr__(obj, "_dynbatch_block", True)
+        object.__setattr__(obj, "_dynbatch_compile", options)
         return obj
-    if isinstance(getattr(obj, "__dynbatch_block__", None), BlockFunction):
+    marked = getattr(obj, "__dynbatch_block__", None)
+    if isinstance(marked, BlockFunction):
+        if marked.compile_options != options:
+            raise ValueError(f"{marked.fn.__qualname__} is a block already, with compile="
+                             f"{marked.compile_options is not None}; mark the function "
+                             "itself again for another compile setting")
         return obj
     if not callable(obj):
         raise TypeError(f"db.block expects a function, an nn.Module subclass or a module, "
                         f"got {type(obj).__name__}")
-    marked = BlockFunction(obj)
+    marked = BlockFunction(obj, options)
 
     @functools.wraps(obj)
     def block_call(*args, **kwargs):
@@ -157,6 +175,30 @@ def block(obj):
 
     block_call.__dynbatch_block__ = marked
     return block_call
+
+
+def _compile_options(compile) -> dict | None:
+    """``db.block``'s ``compile`` as torch.compile's keywords (None: not compiled)."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return {}
+    if isinstance(compile, dict):
+        return dict(compile)
+    raise TypeError(f"db.block's compile must be True, False or a dict of torch.compile's "
+                    f"keyword arguments, got {compile!r}")
+
+
+def compile_options(fn) -> dict | None:
+    """The torch.compile keywords a block's replay runs under (None: replayed as is): the
+    mark on the function, the module instance or its class."""
+    if isinstance(fn, BlockFunction):
+        return fn.compile_options
+    own = fn.__dict__.get("_dynbatch_compile", _UNSET)
+    return getattr(type(fn), "_dynbatch_compile", None) if own is _UNSET else own
+
+
+_UNSET = object()
 
 
 def call_body(fn, args, kwargs):
@@ -368,6 +410,15 @@ def _traced_signature(fn, targs, tkwargs, metas, state, name, tracer, site) -> S
     sig.target = BlockCall(fn)
     sig.template = (targs, tkwargs)
     sig.fill = fill
-    sig.batched = codegen.compile_body(body.graph, arguments, lazies, name, state)
-    sig.how = "block"
+    options = compile_options(fn)
+    try:
+        sig.batched = codegen.compile_body(body.graph, arguments, lazies, name, state,
+                                           options)
+    except Exception as err:
+        if options is None:
+            raise
+        raise TraceError(f"block {name}: torch.compile(**{options!r}) failed for "
+                         f"{where(_example(tracer), site)}\n"
+                         f"  {type(err).__name__}: {err}") from err
+    sig.how = "block" if options is None else "compiled"
     return sig

@@ -14,6 +14,7 @@ import functools
 import torch
 from torch.utils._pytree import tree_flatten
 
+from .errors import user_site, warn_at
 from .graph import Constant, Node, outs_of
 from .lazy import LazyTensor
 from .state import entered, state_now
@@ -31,9 +32,11 @@ def _expand(value, n: int):
     return value.unsqueeze(0).expand(n, *value.shape)
 
 
-def compile_body(graph, arguments: list, outputs: list, name: str, state):
+def compile_body(graph, arguments: list, outputs: list, name: str, state,
+                 options: dict | None = None):
     """A function of the batched values of the block's per-example arguments (in order)
-    returning the tuple of its batched outputs."""
+    returning the tuple of its batched outputs; with torch.compile's keyword ``options``,
+    that function compiled (NOTE [compiled blocks])."""
     namespace = {"_expand": _expand, "_entered": entered}
     names: dict[int, str] = {}       # constant id -> its name in the code
     batched: dict[int, bool] = {}    # node or constant id -> depends on an argument
@@ -72,6 +75,8 @@ def compile_body(graph, arguments: list, outputs: list, name: str, state):
     for lt in outputs:
         results.append(ref(lt.node.id, lt.index, True))
     lines.append(f"return ({', '.join(results)},)")
+    if options is not None:
+        return _compiled_replay(lines, namespace, name, options)
     source = "def replay(_values):\n" + "".join(f"    {line}\n" for line in lines)
     code = _CODE.get(source)
     if code is None:
@@ -82,6 +87,67 @@ def compile_body(graph, arguments: list, outputs: list, name: str, state):
     replay = namespace["replay"]
     replay.source = source
     return replay
+
+
+_COMPILED: dict = {}    # (name, source, options) -> _Compiled, for the process
+
+
+def _compiled_replay(lines: list, namespace: dict, name: str, options: dict):
+    """NOTE [compiled blocks]: the replay through torch.compile (dynamic by default: the
+    batch size changes from batch to batch). Dynamo caches what it compiles on the code
+    object, under guards on what the code reads, and writes the compiled functions into
+    the function's globals: so there is one function object per distinct replay, kept for
+    the process, and what a signature of this run holds (its nodes' batched calls, its
+    constants) comes in as an argument, never through globals. A signature made again in
+    the next run, or from a plan in another process, finds the compiled code; what
+    differs (a replaced parameter, another dtype) reaches it through that argument, under
+    dynamo's guards, as for any compiled function."""
+    free = [k for k in namespace if k not in _STABLE]
+    source = ("def replay(_values, _free):\n" +
+              (f"    {', '.join(free)}, = _free\n" if free else "") +
+              "".join(f"    {line}\n" for line in lines))
+    key = (name, source, repr(sorted(options.items())))
+    entry = _COMPILED.get(key)
+    if entry is None:
+        if len(_COMPILED) > 1000:
+            _COMPILED.clear()
+        scope = {k: namespace[k] for k in _STABLE}
+        exec(compile(source, f"<dynbatch compiled block {name}>", "exec"), scope)
+        entry = _COMPILED[key] = _Compiled(scope["replay"], name, options)
+    values = tuple(namespace[k] for k in free)
+    batched = functools.partial(entry, _free=values)
+    batched.source = source
+    return batched
+
+
+_STABLE = ("_expand", "_entered")       # the replay's globals that no run changes
+
+
+class _Compiled:
+    """A replay and its compiled form. A call the compiled form fails is made again by
+    the plain replay: if that fails too, the error is the block's own (the executor then
+    names the example and line); if not, the compiler is at fault, and the block runs
+    plain from then on, with one warning, instead of compiling again at every batch."""
+
+    __slots__ = ("compiled", "name", "plain")
+
+    def __init__(self, plain, name: str, options: dict):
+        self.plain, self.name = plain, name
+        self.compiled = torch.compile(plain, **{"dynamic": True, **options})
+
+    def __call__(self, values, _free):
+        compiled = self.compiled
+        if compiled is None:
+            return self.plain(values, _free)
+        try:
+            return compiled(values, _free)
+        except Exception as err:  # noqa: BLE001 - the plain replay tells whose it is
+            out = self.plain(values, _free)
+            self.compiled = None
+            warn_at(f"dynbatch: torch.compile of block {self.name} failed "
+                    f"({type(err).__name__}: {err}); the block runs uncompiled",
+                    user_site())
+            return out
 
 
 def _unbatched(sig):

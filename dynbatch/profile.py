@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from .errors import RawSite, Site
 
 # how a signature's batches ran, as the table says it
-HOW = {"rule": "direct rule", "block": "block", "vmap": "vmap", "loop": "per example"}
+HOW = {"rule": "direct rule", "block": "block", "compiled": "compiled block", "vmap": "vmap",
+       "loop": "per example"}
 
 
 @dataclass
@@ -105,14 +106,14 @@ class Stats:
         """
         rows = sorted(self.rows(), key=lambda r: -r.seconds)
         total = sum(r.seconds for r in rows) or 1.0
-        head = ("    ms   share  batches    nodes  per batch  how          signature",
-                "                                                          recorded at")
+        head = ("    ms   share  batches    nodes  per batch  how             signature",
+                f"{'':61s}recorded at")
         lines = [str(self), "", *head]
         for r in rows:
             lines.append(f"{r.seconds * 1e3:6.1f} {100 * r.seconds / total:6.1f}% "
                          f"{r.batches:8d} {r.nodes:8d} {r.nodes / r.batches:10.1f}  "
-                         f"{HOW.get(r.how, r.how):12s} {r.name}")
-            lines.append(f"{'':58s}{r.where}")
+                         f"{HOW.get(r.how, r.how):15s} {r.name}")
+            lines.append(f"{'':61s}{r.where}")
         if not rows:
             lines.append("(no batch ran)")
         return "\n".join(lines)

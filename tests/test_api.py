@@ -3,6 +3,7 @@ block, stats. Every result is compared with plain eager PyTorch run one example 
 """
 from __future__ import annotations
 
+import collections
 import types
 
 import pytest
@@ -103,6 +104,28 @@ def test_minibatch_may_be_a_tuple_or_a_tensor():
     f = db.batched(lambda x: torch.sin(x))
     close(f(tuple(xs)), [torch.sin(x) for x in xs])
     close(f(torch.stack(xs)), [torch.sin(x) for x in xs])
+
+
+class _Rows(list):
+    """An example type that is itself a list (as nltk.Tree is)."""
+
+
+_Pair = collections.namedtuple("_Pair", "first second")
+
+
+def test_one_example_that_is_a_list_or_tuple_subclass_is_refused_as_a_minibatch():
+    xs = vectors(3)
+    f = db.batched(lambda x: torch.sin(x))
+    for one in (_Rows(xs), _Pair(xs[0], xs[1])):
+        with pytest.raises(TypeError) as info:
+            f(one)
+        message = str(info.value)
+        assert type(one).__qualname__ in message and "pass a list of examples" in message
+        assert "test_api.py" in message, message        # the caller's line
+    # plain lists and tuples, tensors, and other sequences remain minibatches
+    close(f(list(_Rows(xs))), [torch.sin(x) for x in xs])
+    close(f(tuple(_Pair(xs[0], xs[1]))), [torch.sin(x) for x in xs[:2]])
+    assert f(range(0)) == []
 
 
 def test_extra_kwargs_are_shared():
