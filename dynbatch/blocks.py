@@ -308,22 +308,39 @@ def _native_signature(module, targs, tkwargs, metas, state, name, tracer, site):
 
 def _native_call(module, targs):
     """The module on a batch: its own call, with a shared initial state of an RNN cell
-    expanded along the batch dim."""
-    if not isinstance(module, nn.RNNCellBase) or len(targs) < 2:
+    expanded along the batch dim. An RNN cell called per example on rows of one
+    (``cell(x.unsqueeze(0), h.unsqueeze(0))``, the form from before cells took unbatched
+    input) runs on the batch with that dim taken out, and its outputs get it back: the
+    cell treats rows independently, so (n, 1, d) rows are n rows of (n, d)."""
+    if not isinstance(module, nn.RNNCellBase):
         return lambda m, args, kwargs: _original_call(m, *args, **kwargs)
-    state = targs[1]
+    x = targs[0] if targs else None
+    rows_of_one = type(x) is Input and len(x.meta.shape) == 2 and x.meta.shape[0] == 1
+    if len(targs) < 2 and not rows_of_one:
+        return lambda m, args, kwargs: _original_call(m, *args, **kwargs)
+    state = targs[1] if len(targs) > 1 else None
     shared = [type(h) is not Input for h in (state if type(state) in (list, tuple) else
                                              (state,))]
 
+    def batch_of(h, is_shared: bool, n: int):
+        if rows_of_one:     # shared (1, H) -> (H); batched (n, 1, H) -> (n, H)
+            h = h.squeeze(0) if is_shared else h.squeeze(1)
+        return h.expand(n, *h.shape) if is_shared else h
+
     def call(m, args, kwargs):
         args = list(args)
+        if rows_of_one:
+            args[0] = args[0].squeeze(1)
         n = args[0].shape[0]
-        hx = args[1]
-        if type(hx) in (list, tuple):
-            args[1] = type(hx)(h.expand(n, *h.shape) if s else h for h, s in zip(hx, shared))
-        elif shared[0]:
-            args[1] = hx.expand(n, *hx.shape)
-        return _original_call(m, *args, **kwargs)
+        if len(args) > 1 and args[1] is not None:
+            hx = args[1]
+            args[1] = type(hx)(batch_of(h, s, n) for h, s in zip(hx, shared)) \
+                if type(hx) in (list, tuple) else batch_of(hx, shared[0], n)
+        out = _original_call(m, *args, **kwargs)
+        if rows_of_one:
+            out = tuple(o.unsqueeze(1) for o in out) if type(out) is tuple else \
+                out.unsqueeze(1)
+        return out
     return call
 
 

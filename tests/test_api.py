@@ -628,6 +628,24 @@ def _gru(ex, m):
     return h
 
 
+def _lstm_rows_of_one(ex, m):
+    h, c = torch.zeros(1, 5), torch.zeros(1, 5)
+    for x in ex:
+        h, c = m(x.unsqueeze(0), (h, c))
+    return h, c
+
+
+def _gru_rows_of_one(ex, m):
+    h = torch.zeros(1, 5)
+    for x in ex:
+        h = m(x.unsqueeze(0), h)
+    return h
+
+
+def _lstm_rows_of_one_no_state(ex, m):
+    return m(ex[0].unsqueeze(0))
+
+
 @pytest.mark.parametrize("name, module, fn, make, nodes_per_example", [
     # one node per module call: the inputs, the ids and the zeros are constants
     ("Linear", lambda: nn.Linear(4, 5), _linear, lambda i: torch.randn(4), 1),
@@ -639,6 +657,15 @@ def _gru(ex, m):
      lambda i: [torch.randn(4)], 1),
     ("GRUCell", lambda: nn.GRUCell(4, 5), _gru, lambda i: [torch.randn(4)] * 3, 3),
     ("RNNCell", lambda: nn.RNNCell(4, 5), _gru, lambda i: [torch.randn(4)] * 3, 3),
+    # cells on rows of one (x.unsqueeze(0), a node each): batched natively, not by vmap
+    ("LSTMCell-rows-of-one", lambda: nn.LSTMCell(4, 5), _lstm_rows_of_one,
+     lambda i: [torch.randn(4)] * 3, 6),
+    ("LSTMCell-rows-of-one-no-state", lambda: nn.LSTMCell(4, 5), _lstm_rows_of_one_no_state,
+     lambda i: [torch.randn(4)], 2),
+    ("GRUCell-rows-of-one", lambda: nn.GRUCell(4, 5), _gru_rows_of_one,
+     lambda i: [torch.randn(4)] * 3, 6),
+    ("RNNCell-rows-of-one", lambda: nn.RNNCell(4, 5), _gru_rows_of_one,
+     lambda i: [torch.randn(4)] * 3, 6),
 ])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_builtin_blocks(name, module, fn, make, nodes_per_example, strategy):
@@ -648,7 +675,8 @@ def test_builtin_blocks(name, module, fn, make, nodes_per_example, strategy):
     assert_matches_eager(fn, examples, m, atol=ATOL, rtol=RTOL, strategy=strategy)
     s = db.stats()
     assert s.nodes == 5 * nodes_per_example, s
-    assert s.fallbacks == 0
+    assert s.fallbacks == 0 and s.vmap_batches == 0, s
+    assert {r.how for r in s.rows() if r.kind == "block"} == {"block"}, s.table()
 
 
 # -- stats, edge cases ----------------------------------------------------------------------
