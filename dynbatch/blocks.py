@@ -1,10 +1,10 @@
 """Blocks: a module or function call recorded as ONE node and batched as a whole.
 
-Built-in blocks (nn.Linear, nn.Embedding, nn.LayerNorm, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
-batch natively: the batched call is the module on stacked inputs. ``db.block`` marks user
-functions, nn.Module subclasses and module instances: a user block's body is traced once
-per signature (per run) into the same op vocabulary and compiled into a replay of the
-whole batch (codegen.py). A body that reads a value is recorded op by op instead. A module
+Built-in blocks (nn.Linear, nn.Embedding, nn.LayerNorm, nn.LSTMCell, nn.GRUCell, nn.RNNCell,
+and nn.LSTM, nn.GRU, nn.RNN on an unbatched sequence) batch natively: the batched call is
+the module on stacked inputs. ``db.block`` marks user functions, nn.Module subclasses and
+module instances: a user block's body is traced once per signature (per run) into the
+same op vocabulary and compiled into a replay of the whole batch (codegen.py). A body that reads a value is recorded op by op instead. A module
 with hooks is never a block: its hooks then fire per example, as in eager code. While a
 run records, ``nn.Module.__call__`` is patched so that block calls reach the tracer.
 """
@@ -30,7 +30,8 @@ from .state import entered, state_now
 from .template import filler, template_of
 from .trace import Tracer
 
-BUILTIN_BLOCKS = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+BUILTIN_BLOCKS = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.LSTMCell, nn.GRUCell, nn.RNNCell,
+                  nn.LSTM, nn.GRU, nn.RNN)
 INLINE = "inline"       # a block whose body reads a value: recorded op by op
 _original_call = nn.Module.__call__
 _module_state = nn.modules.module
@@ -306,12 +307,46 @@ def _native_signature(module, targs, tkwargs, metas, state, name, tracer, site):
     return sig
 
 
+def _rnn_call(module, targs):
+    """An ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` called per example on an unbatched
+    sequence (L, d), on a batch of them of one length: the batch's (n, L, d) go in as the
+    module's own batch dim (dim 1, or 0 with ``batch_first``), a per-example initial state
+    (layers x directions, H) as (layers x directions, n, H), a shared one expanded; the
+    outputs come back with the batch dim first. Other forms (batched or packed input) are
+    left to the plain call, which the inference check then refuses."""
+    x = targs[0] if targs else None
+    if type(x) is not Input or len(x.meta.shape) != 2 or len(targs) > 2:
+        return lambda m, args, kwargs: _original_call(m, *args, **kwargs)
+    first = module.batch_first
+
+    def call(m, args, kwargs):
+        args = list(args)
+        xs = args[0]
+        n = xs.shape[0]
+        args[0] = xs if first else xs.transpose(0, 1)
+        if len(args) > 1 and args[1] is not None:
+            hx, marks = args[1], targs[1]
+            pairs = zip(hx, marks) if type(hx) in (list, tuple) else ((hx, marks),)
+            moved = [h.unsqueeze(1).expand(h.shape[0], n, *h.shape[1:]).contiguous()
+                     if type(mark) is not Input else h.transpose(0, 1).contiguous()
+                     for h, mark in pairs]
+            args[1] = type(hx)(moved) if type(hx) in (list, tuple) else moved[0]
+        out, state = _original_call(m, *args, **kwargs)
+        out = out if first else out.transpose(0, 1)
+        state = tuple(h.transpose(0, 1) for h in state) if type(state) is tuple else \
+            state.transpose(0, 1)
+        return out, state
+    return call
+
+
 def _native_call(module, targs):
     """The module on a batch: its own call, with a shared initial state of an RNN cell
     expanded along the batch dim. An RNN cell called per example on rows of one
     (``cell(x.unsqueeze(0), h.unsqueeze(0))``, the form from before cells took unbatched
     input) runs on the batch with that dim taken out, and its outputs get it back: the
     cell treats rows independently, so (n, 1, d) rows are n rows of (n, d)."""
+    if isinstance(module, nn.RNNBase):
+        return _rnn_call(module, targs)
     if not isinstance(module, nn.RNNCellBase):
         return lambda m, args, kwargs: _original_call(m, *args, **kwargs)
     x = targs[0] if targs else None
@@ -354,6 +389,8 @@ def _fake_module(module):
                             module._parameters.items()}
         fake._buffers = {n: None if b is None else fakes(b) for n, b in
                          module._buffers.items()}
+    if isinstance(module, nn.RNNBase):     # its forward reads this list, not _parameters
+        fake._flat_weights = [fake._parameters.get(n) for n in module._flat_weights_names]
     return fake
 
 

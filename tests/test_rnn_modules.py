@@ -1,0 +1,100 @@
+"""``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` called per example on an unbatched sequence
+(L, d) batch natively (blocks.py, ``_rnn_call``): one call of the module per length in the
+minibatch, not vmap (which has no rule for aten::lstm) and not one call per example.
+
+Against the eager per-example loop in float64: outputs, final states and every parameter
+gradient, for one and two layers, one and two directions, ``batch_first`` (which unbatched
+input ignores), no initial state, a per-example one and a shared one.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dynbatch as db
+from dynbatch.testing import assert_matches_eager
+
+ATOL, RTOL = 1e-10, 1e-8
+FORMS = [(1, False, False), (2, True, False), (2, True, True), (3, False, True)]
+
+
+def make(cls, layers, bidirectional, batch_first):
+    torch.manual_seed(1)
+    return cls(4, 5, num_layers=layers, bidirectional=bidirectional,
+               batch_first=batch_first).double()
+
+
+def directions_x_layers(m) -> int:
+    return m.num_layers * (2 if m.bidirectional else 1)
+
+
+def run(x, m):
+    out, state = m(x)
+    return out, state
+
+
+def run_with_state(example, m):
+    x, h = example
+    out, state = m(x, (h, 2 * h) if isinstance(m, nn.LSTM) else h)
+    return out.sum(0), state
+
+
+def run_with_shared_state(x, m, h0):
+    return m(x, (h0, h0.flip(0)) if isinstance(m, nn.LSTM) else h0)
+
+
+def sequences(lengths):
+    torch.manual_seed(2)
+    return [torch.randn(n, 4, dtype=torch.float64) for n in lengths]
+
+
+def assert_native(expected_batches: int):
+    s = db.stats()
+    assert s.vmap_batches == 0 and s.fallbacks == 0, s
+    assert s.batches == expected_batches, s.table()
+    assert {r.how for r in s.rows() if r.kind == "block"} == {"block"}, s.table()
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("layers, bidirectional, batch_first", FORMS)
+def test_one_length_is_one_call(cls, layers, bidirectional, batch_first):
+    m = make(cls, layers, bidirectional, batch_first)
+    assert_matches_eager(run, sequences([6] * 5), m, atol=ATOL, rtol=RTOL)
+    assert_native(1)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("layers, bidirectional, batch_first", FORMS[:2])
+def test_initial_states_per_example_and_shared(cls, layers, bidirectional, batch_first):
+    m = make(cls, layers, bidirectional, batch_first)
+    d = directions_x_layers(m)
+    xs = sequences([6] * 4)
+    hs = [torch.randn(d, 5, dtype=torch.float64) for _ in xs]
+    assert_matches_eager(run_with_state, list(zip(xs, hs)), m, atol=ATOL, rtol=RTOL)
+    # the module and the sum over the output's steps (and 2 * h for an LSTM's c)
+    assert_native(3 if cls is nn.LSTM else 2)
+    h0 = torch.randn(d, 5, dtype=torch.float64, requires_grad=True)
+    assert_matches_eager(run_with_shared_state, xs, m, h0, atol=ATOL, rtol=RTOL,
+                         params=list(m.parameters()) + [h0])
+    assert_native(1)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_mixed_lengths_make_one_call_per_length(cls):
+    # lengths 1..9 in one minibatch, length 1 included: one batch per distinct length
+    # (batching across lengths, by packing, is still to come: issue 24)
+    m = make(cls, 2, True, False)
+    lengths = [1, 3, 3, 9, 1, 5, 9, 2]
+    assert_matches_eager(run, sequences(lengths), m, atol=ATOL, rtol=RTOL)
+    assert_native(len(set(lengths)))
+
+
+def test_batched_input_is_left_to_the_fallback():
+    # an input that is already a batch of one, (L, 1, d): not the unbatched form, so the
+    # module runs one example at a time, as before; values stay exact
+    m = make(nn.GRU, 1, False, False)
+    xs = [x.unsqueeze(1) for x in sequences([4] * 3)]
+    with pytest.warns(RuntimeWarning, match="one example at a time"):
+        assert_matches_eager(run, xs, m, atol=ATOL, rtol=RTOL)
+    assert db.stats().fallbacks == 3
