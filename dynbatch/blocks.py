@@ -1,16 +1,15 @@
 """Blocks: a module or function call recorded as ONE node and batched as a whole.
 
-Built-in blocks (nn.Linear, nn.Embedding, nn.LayerNorm, nn.LSTMCell, nn.GRUCell, nn.RNNCell,
-and nn.LSTM, nn.GRU, nn.RNN on an unbatched sequence) batch natively: the batched call is
-the module on stacked inputs. ``db.block`` marks user functions, nn.Module subclasses and
-module instances: a user block's body is traced once per signature (per run) into the
-same op vocabulary and compiled into a replay of the whole batch (codegen.py). A body that reads a value is recorded op by op instead. A module
+Built-in modules (native.py: nn.Linear, nn.Embedding, nn.LayerNorm, the RNN cells, and
+nn.LSTM, nn.GRU, nn.RNN on an unbatched sequence) batch natively. ``db.block`` marks user
+functions, nn.Module subclasses and module instances: a user block's body is traced once
+per signature (per run) into the same op vocabulary and compiled into a replay of the
+whole batch (codegen.py). A body that reads a value is recorded op by op instead. A module
 with hooks is never a block: its hooks then fire per example, as in eager code. While a
 run records, ``nn.Module.__call__`` is patched so that block calls reach the tracer.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import threading
 from sys import _getframe
@@ -19,21 +18,17 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from . import codegen
+from . import codegen, native
 from .errors import BlockError, TraceError, user_site, warn_at, where
-from .infer import checks_out, fake_mode, fakes, quiet
 from .intercept import holds_lazy
-from .lazy import Input, LazyTensor, current, meta_of_tensor
-from .rules import fallback
+from .lazy import LazyTensor, current
 from .signature import BLOCK, Signature, call_key, name_of, wrapper
-from .state import entered, state_now
+from .state import state_now
 from .template import filler, template_of
 from .trace import Tracer
 
-BUILTIN_BLOCKS = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.LSTMCell, nn.GRUCell, nn.RNNCell,
-                  nn.LSTM, nn.GRU, nn.RNN)
 INLINE = "inline"       # a block whose body reads a value: recorded op by op
-_original_call = nn.Module.__call__
+_original_call = native.original_call
 _module_state = nn.modules.module
 _mode_enabled = torch._C._is_torch_function_mode_enabled
 
@@ -50,7 +45,7 @@ def is_block(module: nn.Module, hooked: bool = False) -> bool:
     # the mark lives on the class (db.block(SomeModule)) or in the instance's __dict__
     # (db.block(module)); read there, not through nn.Module.__getattr__
     t = type(module)
-    if t not in BUILTIN_BLOCKS and not getattr(t, "_dynbatch_block", False) and \
+    if t not in native.BUILTIN_BLOCKS and not getattr(t, "_dynbatch_block", False) and \
             not module.__dict__.get("_dynbatch_block", False):
         return False
     return not (hooked or module._forward_hooks or module._forward_pre_hooks or
@@ -252,154 +247,15 @@ def block_signature(fn, targs, tkwargs, metas, state, tracer, site) -> Signature
     """The signature of a block call's template; ``tracer`` (None in refs.py's rebuild)
     names the example in messages."""
     name = name_of(fn)
-    if isinstance(fn, nn.Module) and type(fn) in BUILTIN_BLOCKS:
+    if isinstance(fn, nn.Module) and type(fn) in native.BUILTIN_BLOCKS:
         with torch._C.DisableTorchFunction():   # dynbatch's own calls, not the user's
-            sig = _native_signature(fn, targs, tkwargs, metas, state, name, tracer, site)
+            sig = native.signature(fn, targs, tkwargs, metas, state, name,
+                                   _example(tracer), site, BlockCall(fn))
     else:
         sig = _traced_signature(fn, targs, tkwargs, metas, state, name, tracer, site)
     sig.site = site
     sig.source = ("block", fn, targs, tkwargs)
     return sig
-
-
-# -- built-in modules: batched natively ----------------------------------------------------
-
-_NATIVE: dict = {}      # what a module's call infers, by its config and metas, across runs
-
-
-def _native_signature(module, targs, tkwargs, metas, state, name, tracer, site):
-    facts = (type(module), state, module.training, module.extra_repr(), metas,
-             tuple((n, meta_of_tensor(t)) for n, t in module.named_parameters(recurse=False)),
-             tuple((n, meta_of_tensor(t)) for n, t in module.named_buffers(recurse=False)),
-             _layout(targs, tkwargs))
-    known = _NATIVE.get(facts)
-    sig = Signature(BLOCK, module, name, state, metas)
-    sig.target = BlockCall(module)
-    sig.template = (targs, tkwargs)
-    fill = sig.fill = filler(targs, tkwargs)
-    if known is None:
-        fake = _fake_module(module)
-        try:
-            with quiet(), fake_mode(), entered(state):
-                out = _original_call(fake, *(fakes(a) for a in targs),
-                                     **{k: fakes(v) for k, v in tkwargs.items()})
-        except Exception as err:
-            raise TraceError(f"{name} failed for {where(_example(tracer), site)}\n"
-                             f"  {type(err).__name__}: {err}") from err
-        leaves, spec = _flatten(out)
-        outputs = tuple(meta_of_tensor(x) for x in leaves)
-        native = _native_call(module, targs)
-        ok = checks_out(lambda kw: native(fake, kw["args"], kw["kwargs"]),
-                        {"args": targs, "kwargs": tkwargs}, outputs, state)
-        known = _NATIVE[facts] = (outputs, spec, ok)
-    outputs, spec, ok = known
-    sig.outputs, sig.wrap = outputs, wrapper(None if spec.is_leaf() else spec, outputs)
-    sig.single = outputs[0] if spec.is_leaf() else None
-    flat = sig.flat
-    if ok:
-        native = _native_call(module, targs)
-        sig.how = "block"
-        sig.batched = lambda values: flat(native(module, *fill(values)))
-    else:
-        sig.how = "vmap"
-        target = sig.target
-        sig.batched = lambda values: flat(fallback.vmap_call(target, fill, values))
-    return sig
-
-
-def _rnn_call(module, targs):
-    """An ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` called per example on an unbatched
-    sequence (L, d), on a batch of them of one length: the batch's (n, L, d) go in as the
-    module's own batch dim (dim 1, or 0 with ``batch_first``), a per-example initial state
-    (layers x directions, H) as (layers x directions, n, H), a shared one expanded; the
-    outputs come back with the batch dim first. Other forms (batched or packed input) are
-    left to the plain call, which the inference check then refuses."""
-    x = targs[0] if targs else None
-    if type(x) is not Input or len(x.meta.shape) != 2 or len(targs) > 2:
-        return lambda m, args, kwargs: _original_call(m, *args, **kwargs)
-    first = module.batch_first
-
-    def call(m, args, kwargs):
-        args = list(args)
-        xs = args[0]
-        n = xs.shape[0]
-        args[0] = xs if first else xs.transpose(0, 1)
-        if len(args) > 1 and args[1] is not None:
-            hx, marks = args[1], targs[1]
-            pairs = zip(hx, marks) if type(hx) in (list, tuple) else ((hx, marks),)
-            moved = [h.unsqueeze(1).expand(h.shape[0], n, *h.shape[1:]).contiguous()
-                     if type(mark) is not Input else h.transpose(0, 1).contiguous()
-                     for h, mark in pairs]
-            args[1] = type(hx)(moved) if type(hx) in (list, tuple) else moved[0]
-        out, state = _original_call(m, *args, **kwargs)
-        out = out if first else out.transpose(0, 1)
-        state = tuple(h.transpose(0, 1) for h in state) if type(state) is tuple else \
-            state.transpose(0, 1)
-        return out, state
-    return call
-
-
-def _native_call(module, targs):
-    """The module on a batch: its own call, with a shared initial state of an RNN cell
-    expanded along the batch dim. An RNN cell called per example on rows of one
-    (``cell(x.unsqueeze(0), h.unsqueeze(0))``, the form from before cells took unbatched
-    input) runs on the batch with that dim taken out, and its outputs get it back: the
-    cell treats rows independently, so (n, 1, d) rows are n rows of (n, d)."""
-    if isinstance(module, nn.RNNBase):
-        return _rnn_call(module, targs)
-    if not isinstance(module, nn.RNNCellBase):
-        return lambda m, args, kwargs: _original_call(m, *args, **kwargs)
-    x = targs[0] if targs else None
-    rows_of_one = type(x) is Input and len(x.meta.shape) == 2 and x.meta.shape[0] == 1
-    if len(targs) < 2 and not rows_of_one:
-        return lambda m, args, kwargs: _original_call(m, *args, **kwargs)
-    state = targs[1] if len(targs) > 1 else None
-    shared = [type(h) is not Input for h in (state if type(state) in (list, tuple) else
-                                             (state,))]
-
-    def batch_of(h, is_shared: bool, n: int):
-        if rows_of_one:     # shared (1, H) -> (H); batched (n, 1, H) -> (n, H)
-            h = h.squeeze(0) if is_shared else h.squeeze(1)
-        return h.expand(n, *h.shape) if is_shared else h
-
-    def call(m, args, kwargs):
-        args = list(args)
-        if rows_of_one:
-            args[0] = args[0].squeeze(1)
-        n = args[0].shape[0]
-        if len(args) > 1 and args[1] is not None:
-            hx = args[1]
-            args[1] = type(hx)(batch_of(h, s, n) for h, s in zip(hx, shared)) \
-                if type(hx) in (list, tuple) else batch_of(hx, shared[0], n)
-        out = _original_call(m, *args, **kwargs)
-        if rows_of_one:
-            out = tuple(o.unsqueeze(1) for o in out) if type(out) is tuple else \
-                out.unsqueeze(1)
-        return out
-    return call
-
-
-def _fake_module(module):
-    """A shallow copy of a built-in module whose parameters and buffers are fake tensors
-    of the same metas: inference touches no real tensor and swaps nothing in the module
-    another thread may be using."""
-    fake = copy.copy(module)
-    with fake_mode():
-        fake._parameters = {n: None if p is None else fakes(p) for n, p in
-                            module._parameters.items()}
-        fake._buffers = {n: None if b is None else fakes(b) for n, b in
-                         module._buffers.items()}
-    if isinstance(module, nn.RNNBase):     # its forward reads this list, not _parameters
-        fake._flat_weights = [fake._parameters.get(n) for n in module._flat_weights_names]
-    return fake
-
-
-def _layout(targs, tkwargs):
-    return tuple(type(a) for a in targs), tuple(tkwargs)
-
-
-def _flatten(out):
-    return tree_flatten(out)
 
 
 # -- user blocks: the body traced once, replayed for a batch -------------------------------
@@ -456,7 +312,7 @@ def _traced_signature(fn, targs, tkwargs, metas, state, name, tracer, site) -> S
         raise BlockError(f"block {name} must return per-example tensors it computed (a "
                          f"tensor or a structure of them), got {type(out).__name__} "
                          f"({where(_example(tracer), site)})")
-    leaves_spec = _flatten(out)[1]
+    leaves_spec = tree_flatten(out)[1]
     outputs = tuple(lt.meta for lt in lazies)
     sig = Signature(BLOCK, fn, name, state, metas, outputs,
                     wrapper(None if leaves_spec.is_leaf() else leaves_spec, outputs))

@@ -66,7 +66,7 @@ def execute(plan, store: list, stats, where_of) -> None:
             stats.vmap_batches += sig.how == "vmap"
             t1 = clock()
             stats.count(sig, len(step.nodes), t1 - t0, per_example,
-                        sites[k] if sites is not None else sig.site)
+                        sites[k] if sites is not None else None)
             t0 = t1
             if DEBUG:
                 print(f"dynbatch: batch {stats.batches:4d} {sig!r} x{len(step.nodes)} "

@@ -1,6 +1,6 @@
 """``db.DataLoader``: minibatches whose plans are made ahead, in DataLoader workers.
 
-A worker traces and schedules its minibatch (session.plan_ahead), computes the gathers,
+A worker traces and schedules its minibatch (ahead.plan_ahead), computes the gathers,
 and sends the plan as a few arrays (wire.py); ``fn(batch, *args)`` in the main process then
 only unpacks it, gathers, makes the batched calls and assembles the results, against the
 live parameters (named by path: refs.py). TensorFlow Fold built its loom inputs in a
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch.utils.data as tud
 from torch import nn
 
-from . import plan, profile, refs, session, wire
+from . import ahead, plan, profile, refs, session, wire
 from .errors import ExecuteError, PlanAheadError, PlanError, user_site, warn_at
 from .state import entered, state_now
 
@@ -110,7 +110,7 @@ class _Planner:
         stats = profile.Stats()
         try:
             with entered(request.state):
-                made = session.plan_ahead(self.fn, examples, self.args, {}, self.strategy,
+                made = ahead.plan_ahead(self.fn, examples, self.args, {}, self.strategy,
                                           self.leading, stats)
         except PlanAheadError:
             if worker:
@@ -313,7 +313,7 @@ class PlannedBatch(Sequence):
         stats.extra["ahead"] = True
         t1 = time.perf_counter()
         try:
-            results = session.run_plan(the_plan, stats)
+            results = ahead.run_plan(the_plan, stats)
         except ExecuteError:    # traced again here, so the message names example and line
             return session.run_examples(fn, list(self.examples), tuple(leading), tuple(args),
                                         {}, strategy)

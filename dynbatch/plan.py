@@ -92,7 +92,7 @@ class Step:
 class Plan:
     """``steps`` in order; ``first``: the store number of the first step's output;
     ``results``: where each example's results lie once it has run, for a plan made ahead
-    (session.plan_ahead): (pytree spec, [("row", store number, output, row,
+    (ahead.plan_ahead): (pytree spec, [("row", store number, output, row,
     requires_grad) or ("value", value) per leaf]); ``sites``: per step, the user's line
     that recorded its first node (a raw site here, an ``errors.Site`` in a plan from a
     worker), for ``db.stats()``'s rows."""

@@ -81,7 +81,7 @@ class Stats:
 
     def count(self, sig, nodes: int, seconds: float, per_example: bool, site) -> None:
         """A batch of ``nodes`` nodes of ``sig`` ran (execute.py); ``site``: the user's
-        line that recorded its first node."""
+        line that recorded its first node (None: where ``sig`` was first recorded)."""
         entry = self._rows.get(id(sig))
         if entry is None:
             entry = self._rows[id(sig)] = (len(self._rows), SignatureRow(

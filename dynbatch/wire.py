@@ -135,7 +135,7 @@ def pack(plan: Plan, key_of, nodes: int = 0) -> Packed:
     """``plan`` (made ahead: ``plan.results`` set, ``plan.first`` 0) as arrays; each
     signature named by ``key_of(signature)``."""
     if plan.results is None or plan.first != 0:
-        raise ValueError("only a plan made ahead (session.plan_ahead) can be packed")
+        raise ValueError("only a plan made ahead (ahead.plan_ahead) can be packed")
     w = _Writer(key_of)
     code = w.code
     code.append(len(plan.steps))

@@ -21,10 +21,12 @@ LAYERS = [
     ["dynbatch.testing"],
     ["dynbatch.api"],
     ["dynbatch.loader"],                                    # plans made in DataLoader workers
+    ["dynbatch.ahead"],                                     # plans made, run later
     ["dynbatch.session"],                                   # a run: trace, plan, execute, reads
     ["dynbatch.refs"],                                      # plans as pickles
     ["dynbatch.wire"],                                      # plans as arrays
     ["dynbatch.blocks"],
+    ["dynbatch.native"],                                    # built-in modules, natively
     ["dynbatch.trace"],
     ["dynbatch.intercept"],
     ["dynbatch.codegen"],

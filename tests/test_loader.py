@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dynbatch as db
-from dynbatch import refs, session, wire
+from dynbatch import ahead, refs, session, wire
 from dynbatch.errors import PlanAheadError, PlanError
 from dynbatch.models import BiLSTMTagger, BinaryTreeLSTM, ChildSumTreeLSTM
 from dynbatch.models.decoder import Seq2SeqGRU
@@ -364,7 +364,7 @@ def test_a_plan_travels_as_arrays():
     torch.manual_seed(0)
     model = TM.CellBlocks(VOCAB, DIM, DIM, TM.CLASSES).double()
     examples = binary_trees(8)
-    the_plan = session.plan_ahead(tree_loss.fn, examples, (model,))
+    the_plan = ahead.plan_ahead(tree_loss.fn, examples, (model,))
     packed = wire.pack(the_plan, refs.SignatureKeys((model,)))
     assert packed.code.dtype == packed.ints.dtype == torch.int64
     assert all(type(k) is bytes for k in packed.signatures)
@@ -372,7 +372,7 @@ def test_a_plan_travels_as_arrays():
     table = refs.Signatures((model,), lambda: session.Run("agenda"))
     again = wire.unpack(packed, [table(k) for k in packed.signatures])
     assert len({id(step.sig) for step in again.steps}) == len(packed.signatures)
-    assert_same(session.run_plan(again), tree_loss(examples, model), "unpacked")
+    assert_same(ahead.run_plan(again), tree_loss(examples, model), "unpacked")
     index_views = [spec.rows for step in again.steps for spec, _ in step.gathers
                    if type(spec).__name__ == "Index"]
     assert index_views and all(r.untyped_storage().data_ptr() ==
@@ -420,7 +420,7 @@ def test_host_constants_travel_with_their_device():
     torch.manual_seed(0)
     model = TM.CellBlocks(VOCAB, DIM, DIM, TM.CLASSES).double()
     examples = binary_trees(6)
-    the_plan = session.plan_ahead(tree_loss.fn, examples, (model,))
+    the_plan = ahead.plan_ahead(tree_loss.fn, examples, (model,))
     cpu = torch.device("cpu")
     tagged = 0
     for step in the_plan.steps:
@@ -433,7 +433,7 @@ def test_host_constants_travel_with_their_device():
     assert packed.device == cpu
     table = refs.Signatures((model,), lambda: session.Run("agenda"))
     again = wire.unpack(packed, [table(k) for k in packed.signatures])
-    assert_same(session.run_plan(again), tree_loss(examples, model), "host constants")
+    assert_same(ahead.run_plan(again), tree_loss(examples, model), "host constants")
 
 
 def test_batch_sampler_excludes_the_other_batching_arguments():

@@ -1,6 +1,6 @@
 """Plans (plan.py, gather.py, refs.py): a schedule made executable as plain data.
 
-A plan made ahead (``session.plan_ahead``) and executed (``session.run_plan``) gives what
+A plan made ahead (``ahead.plan_ahead``) and executed (``ahead.run_plan``) gives what
 ``@db.batched`` gives, values and gradients; pickled with ``refs.dumps`` it names the
 model's parameters by path, so it runs against the live weights of another process, a
 fresh interpreter included. Gathers follow NOTE [row order] and NOTE [detached rows];
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dynbatch as db
-from dynbatch import execute, profile, refs, session
+from dynbatch import ahead, execute, profile, refs
 from dynbatch.errors import PlanError
 from dynbatch.plan import Index, Joined, Plan, Slice, Stacked, Step, Values
 
@@ -119,18 +119,18 @@ def assert_same(a, b):
 @pytest.mark.parametrize("impl", FNS)
 def test_plan_made_ahead_runs_as_batched(impl):
     fn, model, examples = FNS[impl], model_of(), trees()
-    the_plan = session.plan_ahead(fn, examples, (model,))
-    ahead = results_and_grads(lambda: session.run_plan(the_plan), model)
+    the_plan = ahead.plan_ahead(fn, examples, (model,))
+    planned = results_and_grads(lambda: ahead.run_plan(the_plan), model)
     batched = results_and_grads(lambda: db.batched(fn)(examples, model), model)
     eager = results_and_grads(lambda: [fn(t, model) for t in examples], model)
-    assert_same(ahead, eager)
+    assert_same(planned, eager)
     assert_same(batched, eager)
     nodes = db.stats().nodes
     assert len(the_plan.steps) < nodes / 2, "the plan batches"
 
 
 def test_a_plan_is_plain_data():
-    the_plan = session.plan_ahead(loss, trees(), (model_of(),))
+    the_plan = ahead.plan_ahead(loss, trees(), (model_of(),))
     assert type(the_plan) is Plan and the_plan.results is not None
     specs = (Slice, Index, Values, Stacked, Joined)
     for step in the_plan.steps:
@@ -146,38 +146,38 @@ def test_a_pickled_plan_reads_the_live_weights():
     """Parameters pickle by path: a plan loaded after an optimizer step computes with the
     new weights, as a plan made in a DataLoader worker must."""
     model, examples = model_of(), trees()
-    data = refs.dumps(session.plan_ahead(loss, examples, (model,)), (model,))
+    data = refs.dumps(ahead.plan_ahead(loss, examples, (model,)), (model,))
     assert not any(p.detach().numpy().tobytes() in data for p in model.parameters()), \
         "no parameter's values are in the pickle"
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.25)
-    loaded = session.load_plan(data, (model,))
-    assert_same(results_and_grads(lambda: session.run_plan(loaded), model),
+    loaded = ahead.load_plan(data, (model,))
+    assert_same(results_and_grads(lambda: ahead.run_plan(loaded), model),
                 results_and_grads(lambda: [loss(t, model) for t in examples], model))
 
 
 def test_a_plan_without_its_arguments_is_refused():
     model = model_of()
-    data = refs.dumps(session.plan_ahead(loss, trees(), (model,)), (model,))
+    data = refs.dumps(ahead.plan_ahead(loss, trees(), (model,)), (model,))
     with pytest.raises(PlanError, match="argument 0"):
-        session.load_plan(data, ())
+        ahead.load_plan(data, ())
     with pytest.raises(PlanError, match="argument 0 module 'embed'"):
-        session.load_plan(data, (nn.Linear(2, 2),))
+        ahead.load_plan(data, (nn.Linear(2, 2),))
 
 
 CHILD = """
 import sys, torch
 sys.path[:0] = [{root!r}, {tests!r}]
-from dynbatch import session
+from dynbatch import ahead
 import test_plan as T
 model = T.model_of()
 model.load_state_dict(torch.load(sys.argv[1]))
 answers = {{}}
 for impl in T.FNS:
     with open(f"{{sys.argv[2]}}.{{impl}}", "rb") as f:
-        the_plan = session.load_plan(f.read(), (model,))
-    answers[impl] = T.results_and_grads(lambda: session.run_plan(the_plan), model)
+        the_plan = ahead.load_plan(f.read(), (model,))
+    answers[impl] = T.results_and_grads(lambda: ahead.run_plan(the_plan), model)
 torch.save(answers, sys.argv[3])
 """
 
@@ -190,7 +190,7 @@ def test_a_plan_pickles_and_runs_in_a_fresh_interpreter(tmp_path):
         model.cell.weight.mul_(0.5)
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     for impl, fn in FNS.items():
-        the_plan = session.plan_ahead(fn, examples, (model,))
+        the_plan = ahead.plan_ahead(fn, examples, (model,))
         (tmp_path / f"plan.{impl}").write_bytes(refs.dumps(the_plan, (model,)))
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(root=str(ROOT), tests=str(ROOT / "tests")))
@@ -226,7 +226,7 @@ def test_rows_in_order_are_sliced_not_copied():
     rows of the previous batch, in order: every gather of a node output is a slice."""
     torch.manual_seed(0)
     cell = nn.Linear(2 * DIM, DIM).double()
-    the_plan = session.plan_ahead(rnn, chains([5] * 6), (cell,))
+    the_plan = ahead.plan_ahead(rnn, chains([5] * 6), (cell,))
     kinds = [type(spec) for step in the_plan.steps for spec, _ in step.gathers]
     assert Slice in kinds and Index not in kinds and Joined not in kinds, kinds
 
@@ -235,10 +235,10 @@ def test_ragged_rows_are_gathered_and_exact():
     torch.manual_seed(0)
     cell = nn.Linear(2 * DIM, DIM).double()
     examples = chains([5, 1, 3, 7, 2, 5])
-    the_plan = session.plan_ahead(rnn, examples, (cell,))
+    the_plan = ahead.plan_ahead(rnn, examples, (cell,))
     kinds = {type(spec) for step in the_plan.steps for spec, _ in step.gathers}
     assert kinds & {Index, Joined}, kinds
-    outs, _ = results_and_grads(lambda: session.run_plan(the_plan), cell)
+    outs, _ = results_and_grads(lambda: ahead.run_plan(the_plan), cell)
     eager, _ = results_and_grads(lambda: [rnn(xs, cell) for xs in examples], cell)
     assert_same((outs, {}), (eager, {}))
 
@@ -255,8 +255,8 @@ def test_rows_no_target_needs_through_gradients_are_detached():
         return m["a"](x).sum() + picked.double()
 
     examples = [torch.randn(DIM, dtype=torch.float64) for _ in range(4)]
-    the_plan = session.plan_ahead(fn, examples, (model,))
-    assert_same(results_and_grads(lambda: session.run_plan(the_plan), model),
+    the_plan = ahead.plan_ahead(fn, examples, (model,))
+    assert_same(results_and_grads(lambda: ahead.run_plan(the_plan), model),
                 results_and_grads(lambda: [fn(x, model) for x in examples], model))
     assert all(p.grad is None for p in model["b"].parameters())
 
@@ -264,7 +264,7 @@ def test_rows_no_target_needs_through_gradients_are_detached():
 def test_store_entries_are_freed_once_read():
     torch.manual_seed(0)
     cell = nn.Linear(2 * DIM, DIM).double()
-    the_plan = session.plan_ahead(rnn, chains([4, 6, 2, 6]), (cell,))
+    the_plan = ahead.plan_ahead(rnn, chains([4, 6, 2, 6]), (cell,))
     store: list = []
     execute.execute(the_plan, store, profile.Stats(), lambda i, order=False: i)
     kept = {place[1] for _, places in the_plan.results for place in places
@@ -275,7 +275,7 @@ def test_store_entries_are_freed_once_read():
 
 
 def test_run_plan_stats_count_batches():
-    the_plan = session.plan_ahead(loss, trees(), (model_of(),))
+    the_plan = ahead.plan_ahead(loss, trees(), (model_of(),))
     stats = profile.Stats()
-    session.run_plan(the_plan, stats)
+    ahead.run_plan(the_plan, stats)
     assert stats.batches == len(the_plan.steps) and stats.fallbacks == 0
