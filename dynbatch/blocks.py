@@ -22,6 +22,7 @@ from . import codegen, native
 from .errors import BlockError, TraceError, user_site, warn_at, where
 from .intercept import holds_lazy
 from .lazy import LazyTensor, current
+from .rules import ragged
 from .signature import BLOCK, Signature, call_key, name_of, wrapper
 from .state import state_now
 from .template import filler, template_of
@@ -231,6 +232,8 @@ def record_block(tracer, fn, args, kwargs):
     sig = tracer.signatures.get(key)
     if sig is None:
         sig = tracer.signatures[key] = _block_signature(tracer, fn, args, kwargs, state)
+        if sig.ragged is not None:
+            sig.family = ragged.family_of(key, sig)
     if sig.kind is INLINE:
         return call_body(fn, args, kwargs)
     site = user_site(2)
@@ -250,7 +253,8 @@ def block_signature(fn, targs, tkwargs, metas, state, tracer, site) -> Signature
     if isinstance(fn, nn.Module) and type(fn) in native.BUILTIN_BLOCKS:
         with torch._C.DisableTorchFunction():   # dynbatch's own calls, not the user's
             sig = native.signature(fn, targs, tkwargs, metas, state, name,
-                                   _example(tracer), site, BlockCall(fn))
+                                   _example(tracer), site, BlockCall(fn),
+                                   tracer.modules if tracer is not None else None)
     else:
         sig = _traced_signature(fn, targs, tkwargs, metas, state, name, tracer, site)
     sig.site = site

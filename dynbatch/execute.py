@@ -32,8 +32,26 @@ def execute(plan, store: list, stats, where_of) -> None:
     with torch._C.DisableTorchFunction():
         sites = plan.sites if len(plan.sites) == len(plan.steps) else None
         t0 = clock()
-        for k, step in enumerate(plan.steps):
+        steps = plan.steps
+        k = 0
+        while k < len(steps):
+            step = steps[k]
             sig = step.sig
+            if step.joint:
+                group = steps[k:k + step.joint]
+                looped = _joint(group, store, where_of)
+                stats.fallbacks += looped
+                stats.batches += 1
+                t1 = clock()
+                stats.count(sig, sum(len(s.nodes) for s in group), t1 - t0, looped > 0,
+                            sites[k] if sites is not None else None, ragged=True)
+                t0 = t1
+                if DEBUG:
+                    print(f"dynbatch: batch {stats.batches:4d} {sig!r} and {len(group) - 1} "
+                          f"more lengths x{sum(len(s.nodes) for s in group)} (ragged)")
+                k += len(group)
+                continue
+            k += 1
             if sig.how == "loop" and fallback.STRICT:
                 raise FallbackError(f"dynbatch would run {sig.name} one example at a time "
                                     f"(first at {where_of(step.nodes[0])}); strict mode "
@@ -66,11 +84,55 @@ def execute(plan, store: list, stats, where_of) -> None:
             stats.vmap_batches += sig.how == "vmap"
             t1 = clock()
             stats.count(sig, len(step.nodes), t1 - t0, per_example,
-                        sites[k] if sites is not None else None)
+                        sites[k - 1] if sites is not None else None)
             t0 = t1
             if DEBUG:
                 print(f"dynbatch: batch {stats.batches:4d} {sig!r} x{len(step.nodes)} "
                       f"({sig.how})")
+
+
+def _joint(group: list, store: list, where_of) -> int:
+    """Steps of one family run as one call (NOTE [ragged groups] in rules/ragged.py): each
+    step's inputs gathered, one ``Ragged.run``, each step's outputs stored. A joint call
+    that fails or gives other shapes than each step's own call would runs step by step
+    (said once, as a fault of the rule). Returns how many nodes ran one example at a
+    time."""
+    looped = 0
+    parts = [gather_inputs(step, store) for step in group]
+    sigs = [step.sig for step in group]
+    try:
+        with entered(sigs[0].state):
+            outs = sigs[0].ragged.run(sigs, parts)
+        for sig, out, step in zip(sigs, outs, group):
+            _check(sig, out, len(step.nodes))
+    except FallbackError:
+        raise
+    except Exception as err:
+        if fallback.STRICT:
+            raise FallbackError(f"the joint call of {sigs[0].name} over sequences of "
+                                f"several lengths failed ({type(err).__name__}: {err}), "
+                                f"first at {where_of(group[0].nodes[0])}") from err
+        if (sigs[0].name, "ragged") not in _warned:
+            _warned.add((sigs[0].name, "ragged"))
+            warn_at(f"dynbatch: the joint call of {sigs[0].name} over sequences of "
+                    f"several lengths failed ({type(err).__name__}: {err}); each length "
+                    "ran as a batch of its own. Please report it", sigs[0].site)
+        outs = []
+        for sig, values, step in zip(sigs, parts, group):
+            try:
+                with entered(sig.state):
+                    out = sig.batched(values)
+                _check(sig, out, len(step.nodes))
+            except Exception as own:
+                with entered(sig.state):
+                    out = _recover(step, values, own, where_of)
+                looped += len(step.nodes)
+            outs.append(out)
+    store.extend(outs)
+    for step in group:
+        for number in step.frees:
+            store[number] = None
+    return looped
 
 
 def _vmapped(sig, values):

@@ -80,12 +80,14 @@ class Step:
     value of input k for the one k in ``inputs``, or for several alike inputs gathered as
     one, their values one after the other (split in equal parts). ``extra``: values the
     signature's batched call takes after its inputs (fused patterns). ``frees``: store
-    entries to drop once the step has run."""
+    entries to drop once the step has run. ``joint``: k > 1 when this step and the k - 1
+    after it run as one call (NOTE [ragged groups] in rules/ragged.py), else 0."""
     sig: object
     nodes: tuple[int, ...]
     gathers: list = field(default_factory=list)
     extra: tuple = ()
     frees: tuple[int, ...] = ()
+    joint: int = 0
 
 
 @dataclass(slots=True)
@@ -125,6 +127,7 @@ def build(graph, pending: list[Node], batches: list[Batch], first: int, targets:
     of every store entry (extended here), for freeing; ``final``: no node will be
     recorded after this plan; ``earlier``: the numbers of earlier plans' store entries
     that still hold values (kept for a lazy tensor then, perhaps dropped since)."""
+    batches, joints = _split_families(pending, batches)
     live = _grad_live(pending, batches, held)
     last_read: dict[int, int] = {}      # store number -> the last step that reads it
     plan = Plan(first=first)
@@ -134,7 +137,7 @@ def build(graph, pending: list[Node], batches: list[Batch], first: int, targets:
         for s, batch in enumerate(batches):
             members = [pending[i] for i in batch.nodes]
             sig = batch.signature
-            step = Step(sig, ())
+            step = Step(sig, (), joint=joints[s] if joints else 0)
             if sig.fused is not None:      # NOTE [stacked sums] in rules/fused.py
                 ids, outs, segments = sig.fused.members(members)
                 columns = [Column.of(ids, outs, graph)]
@@ -160,6 +163,29 @@ def build(graph, pending: list[Node], batches: list[Batch], first: int, targets:
     protected = set() if final else {batch_of[i] for i in _read_later(pending, batches)}
     _plan_frees(plan, last_read, batch_of, held, protected, kept, store_members, earlier)
     return plan
+
+
+def _split_families(pending, batches):
+    """NOTE [ragged groups] in rules/ragged.py: a batch the schedule made of a family (its
+    signature is the family's token, not its nodes') becomes one batch per signature, in
+    the order met, the first marked with how many run jointly. (batches, joints or None)."""
+    if all(b.signature is pending[b.nodes[0]].sig for b in batches):
+        return batches, None
+    out, joints = [], []
+    for b in batches:
+        if b.signature is pending[b.nodes[0]].sig:
+            out.append(b)
+            joints.append(0)
+            continue
+        groups: dict = {}
+        for i in b.nodes:
+            groups.setdefault(pending[i].sig, []).append(i)
+        k = len(groups) if len(groups) > 1 else 0
+        for sig, nodes in groups.items():
+            out.append(Batch(sig, tuple(nodes)))
+            joints.append(k)
+            k = 0
+    return out, joints
 
 
 def _read_later(pending, batches) -> set[int]:

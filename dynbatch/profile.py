@@ -13,7 +13,7 @@ from .errors import RawSite, Site
 
 # how a signature's batches ran, as the table says it
 HOW = {"rule": "direct rule", "block": "block", "compiled": "compiled block", "vmap": "vmap",
-       "loop": "per example"}
+       "loop": "per example", "ragged": "across lengths"}
 
 
 @dataclass
@@ -79,13 +79,18 @@ class Stats:
     # signatures, and the rows hold no signature, so the stats keep no model alive
     _rows: dict = field(default_factory=dict, repr=False)
 
-    def count(self, sig, nodes: int, seconds: float, per_example: bool, site) -> None:
+    def count(self, sig, nodes: int, seconds: float, per_example: bool, site,
+              ragged: bool = False) -> None:
         """A batch of ``nodes`` nodes of ``sig`` ran (execute.py); ``site``: the user's
-        line that recorded its first node (None: where ``sig`` was first recorded)."""
-        entry = self._rows.get(id(sig))
+        line that recorded its first node (None: where ``sig`` was first recorded).
+        ``ragged``: nodes of ``sig``'s family, of several lengths, ran as one call; they
+        count in one row per family."""
+        key = id(sig.family) if ragged and sig.family is not None else id(sig)
+        entry = self._rows.get(key)
         if entry is None:
-            entry = self._rows[id(sig)] = (len(self._rows), SignatureRow(
-                sig.name, sig.kind, sig.how, site if site is not None else sig.site))
+            entry = self._rows[key] = (len(self._rows), SignatureRow(
+                sig.name, sig.kind, "ragged" if ragged else sig.how,
+                site if site is not None else sig.site))
         index, row = entry
         row.nodes += nodes
         row.batches += 1

@@ -171,8 +171,9 @@ class Run(trace.Tracer):
             inputs = (tuple(number[i] for i in n.inputs if i in number) for n in pending)
             offset = 0
             local = [number[i] for i in targets]
-        batches = schedule.schedule(self.strategy, [n.sig for n in pending], inputs, offset,
-                                    local, numbers)
+        # a node runs with its signature's family where it has one (NOTE [ragged groups])
+        batches = schedule.schedule(self.strategy, [n.sig.family or n.sig for n in pending],
+                                    inputs, offset, local, numbers)
         del inputs, numbers
         earlier = tuple(k for k, entry in enumerate(self.store) if entry is not None)
         the_plan = plan.build(graph, pending, batches, len(self.store), targets, held,
@@ -316,6 +317,8 @@ class Run(trace.Tracer):
             return self.constant(example)
         if type(example) not in _CONTAINERS and not isinstance(example, (tuple, dict)):
             return example          # an nltk Tree (a list subclass), a dataclass: as it is
+        if _plain(example):         # lists of word ids: nothing to wrap, no pytree walk
+            return example
         return tree_map_only(torch.Tensor, self.constant, example)
 
     def finish(self, results) -> list:
@@ -366,6 +369,20 @@ def run_examples(fn, examples: list, leading: tuple, args: tuple, kwargs: dict,
 
 
 _CONTAINERS = (list, tuple, dict)
+_SCALARS = (int, float, bool, str, type(None))
+
+
+def _plain(example, depth: int = 0) -> bool:
+    """Whether ``example`` is plain lists and tuples (nested at most twice) of Python
+    scalars: then it holds no tensor."""
+    for x in example:
+        t = type(x)
+        if t in _SCALARS:
+            continue
+        if (t is list or t is tuple) and depth < 2 and _plain(x, depth + 1):
+            continue
+        return False
+    return type(example) is list or type(example) is tuple
 _warned_serial_reads = [False]
 
 

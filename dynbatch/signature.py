@@ -21,11 +21,11 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import rules
-from .errors import TraceError, where
+from .errors import TraceError, warn_at, where
 from .graph import outs_of
 from .infer import checks_out, fake_cannot, infer
 from .lazy import LazyTensor, TensorMeta, meta_of_tensor
-from .rules import Call, fallback, fused, normalize
+from .rules import Call, fallback, fused, normalize, ragged
 from .state import grad_mode_of
 from .template import PLAIN, SCALARS, SHARED, filler, metas_of, template_of
 
@@ -131,11 +131,14 @@ class Signature:
     ("rule", "vmap", "loop", "block");
     ``per_example(values)`` is the call for one example. ``normal``: the canonical form,
     ``rule``: the rule's batched call of it (both None where none applies). ``site``:
-    where it was first recorded (for warnings)."""
+    where it was first recorded (for warnings). ``ragged``: its form over sequences of
+    any length, ``family``: the signatures of other lengths it runs jointly with (NOTE
+    [ragged groups] in rules/ragged.py; None where it has none)."""
 
     __slots__ = ("kind", "fn", "name", "state", "inputs", "outputs", "wrap", "target",
                  "template", "fill", "batched", "how", "site", "view", "fused",
-                 "normal", "rule", "flat", "single", "source", "__weakref__")
+                 "normal", "rule", "flat", "single", "source", "ragged", "family",
+                 "__weakref__")
 
     def __init__(self, kind, fn, name, state, inputs=(), outputs=(), wrap=None):
         self.kind, self.fn, self.name, self.state = kind, fn, name, state
@@ -153,6 +156,8 @@ class Signature:
         self.rule = None
         self.flat = _as_tuple     # a call's output structure -> the tuple of its tensors
         self.source = None        # what rebuilds it in another process (refs.py)
+        self.ragged = None        # rules/ragged.py: how it runs jointly across lengths
+        self.family = None        # the token of the signatures it may run jointly with
 
     def per_example(self, values):
         args, kwargs = self.fill(values)
@@ -223,6 +228,8 @@ def signature_for(fn, args, kwargs, key, local, state, tracer, site) -> Signatur
             if len(_INFERRED) > _LIMIT:
                 _INFERRED.clear()
             _INFERRED[facts_key] = sig
+    if sig.ragged is not None:
+        sig.family = ragged.family_of(key, sig)
     if not local:
         if len(GLOBAL) > _LIMIT:
             GLOBAL.clear()
@@ -235,7 +242,7 @@ def _rebound(known: Signature, targs, tkwargs) -> Signature:
     shared tensors in its template."""
     sig = Signature(known.kind, known.fn, known.name, known.state, known.inputs,
                     known.outputs, known.wrap)
-    for slot in ("view", "fused", "site", "normal", "rule", "single"):
+    for slot in ("view", "fused", "site", "normal", "rule", "single", "ragged"):
         setattr(sig, slot, getattr(known, slot))
     if known.kind is OP:
         _finish(sig, targs, tkwargs)
@@ -279,6 +286,7 @@ def _new_signature(fn, targs, tkwargs, metas, state, tracer, site) -> Signature:
             sig.rule = rule(Call(fn, normal.target, canon, outputs))
             if sig.rule is not None and not checks_out(sig.rule, canon, outputs, state):
                 sig.rule = None
+        sig.ragged = ragged.form_of(normal.key, canon, metas, outputs)
     _finish(sig, targs, tkwargs)
     return sig
 
@@ -312,7 +320,10 @@ def _finish(sig: Signature, targs, tkwargs) -> None:
         sig.target, sig.template = sig.fn, (targs, tkwargs)
     fill = sig.fill = filler(*sig.template)
     target, rule, flat = sig.target, sig.rule, sig.flat
-    if rule is not None:
+    why = fallback.alone(sig.normal.key, sig.template[1]) if sig.normal is not None else None
+    if why is not None:
+        alone(sig, why)
+    elif rule is not None:
         sig.how = "rule"
         sig.batched = lambda values: flat(rule(fill(values)[1]))
     else:
@@ -320,3 +331,17 @@ def _finish(sig: Signature, targs, tkwargs) -> None:
         sig.batched = lambda values: flat(fallback.vmap_call(target, fill, values))
 
 
+
+
+def alone(sig: Signature, why: str) -> None:
+    """``sig`` runs one example at a time (``fallback.alone``), said once per name."""
+    sig.how, sig.rule, sig.ragged = "loop", None, None
+    target, fill, flat = sig.target, sig.fill, sig.flat
+    sig.batched = lambda values: flat(fallback.loop_call(target, fill, values,
+                                                         values[0].shape[0]))
+    if sig.name not in _ALONE:
+        _ALONE.add(sig.name)
+        warn_at(f"dynbatch runs {sig.name} one example at a time: {why}", sig.site)
+
+
+_ALONE: set = set()

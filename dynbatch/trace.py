@@ -12,6 +12,7 @@ intercept.py's business.
 """
 from __future__ import annotations
 
+from array import array
 from sys import _getframe
 
 import torch
@@ -51,6 +52,7 @@ class Tracer:
         self.immediates: dict = {}      # (value, type, dtype, device) -> Constant
         self.viewed: set = set()        # ids of nodes and constants that a view op read
         self.sites: dict = {}           # id(code) -> {offset: recorder} (NOTE [call sites])
+        self.modules: dict = {}         # id(module) -> what its signatures read of it
         self.default_device = torch.get_default_device()
 
     # -- the hot path ---------------------------------------------------------------------
@@ -191,6 +193,13 @@ class Tracer:
             device = kwargs.get("device")
             device = torch.device(device) if device is not None else self.default_device
             return self.immediate(value, dtype, device)
+        if not kwargs and len(args) == 1 and type(args[0]) is list and args[0] and \
+                self.default_device.type == "cpu" and \
+                all(type(v) is int for v in args[0]):      # a sentence's word ids
+            try:    # one C loop, as torch.tensor makes it but ~10x sooner
+                return self.constant(torch.frombuffer(array("q", args[0]), dtype=torch.int64))
+            except OverflowError:
+                pass
         if holds_lazy(args, kwargs):
             return self.read(_torch_tensor, args, kwargs)
         return self.eager(_torch_tensor, args, kwargs)
@@ -204,6 +213,8 @@ class Tracer:
             kwargs = dict(kwargs, device=self.default_device)
         with _DisableTorchFunction():
             out = fn(*args, **kwargs)
+        if type(out) is Tensor:     # the commonest: torch.tensor(word_ids)
+            return out if any(out is a for a in args) else self.constant(out)
         return tree_map_only(Tensor, lambda t: t if any(t is a for a in args)
                              else self.constant(t), out)
 

@@ -8,7 +8,7 @@ by a key the caller chooses (loader.py: the signature's source pickled by refere
 ``unpack`` makes the Plan again around signatures the receiving process has; the
 gathers' index tensors are views into the one tensor.
 
-Codes, per step: signature number, node count, frees (count, entries), gathers (count;
+Codes, per step: signature number, node count, joint, frees (count, entries), gathers (count;
 each: its inputs (count, numbers) and its spec), extras (count; each a spec). A spec is a
 kind and its fields (the ``_SLICE`` ... constants below); a Joined spec nests its parts.
 """
@@ -141,8 +141,8 @@ def pack(plan: Plan, key_of, nodes: int = 0) -> Packed:
     code.append(len(plan.steps))
     with torch._C.DisableTorchFunction():
         for step in plan.steps:
-            code += (w.signature(step.sig), len(step.nodes), len(step.frees), *step.frees,
-                     len(step.gathers))
+            code += (w.signature(step.sig), len(step.nodes), step.joint, len(step.frees),
+                     *step.frees, len(step.gathers))
             for spec, inputs in step.gathers:
                 code += (len(inputs), *inputs)
                 w.spec(spec)
@@ -244,8 +244,8 @@ def unpack(packed: Packed, signatures: list, device=None) -> Plan:
     plan = Plan()
     steps = plan.steps
     for _ in range(r.next()):
-        sig, n, n_frees = r.take(3)
-        step = Step(signatures[sig], range(n), [], (), r.take(n_frees))
+        sig, n, joint, n_frees = r.take(4)
+        step = Step(signatures[sig], range(n), [], (), r.take(n_frees), joint)
         for _ in range(r.next()):
             inputs = r.take(r.next())
             step.gathers.append((r.spec(), inputs))

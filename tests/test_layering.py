@@ -37,7 +37,7 @@ LAYERS = [
     ["dynbatch.plan"],
     ["dynbatch.schedule"],                                  # pure: no torch
     ["dynbatch.rules"],
-    ["dynbatch.rules.losses", "dynbatch.rules.indexing"],
+    ["dynbatch.rules.losses", "dynbatch.rules.indexing", "dynbatch.rules.ragged"],
     ["dynbatch.rules.table"],
     ["dynbatch.rules.registry", "dynbatch.rules.normalize", "dynbatch.rules.fused",
      "dynbatch.rules.fallback"],

@@ -7,9 +7,22 @@ call's template, giving ``(args, kwargs)``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+_embedding = F.embedding     # as imported (a run replaces it by a wrapper while it records)
 STRICT = False      # dynbatch.testing.strict(): running one example at a time is an error
+
+
+def alone(key, kwargs: dict) -> str | None:
+    """Why a call must run one example at a time, or None. A call whose result depends on
+    the other calls in its batch cannot batch, even through vmap: ``F.embedding`` with
+    ``scale_grad_by_freq`` scales each row's gradient by how often its index occurs in
+    the call's whole input."""
+    if key is _embedding and kwargs.get("scale_grad_by_freq"):
+        return ("F.embedding with scale_grad_by_freq=True scales gradients by each call's "
+                "own index counts")
+    return None
 
 
 def vmap_call(target, fill, values: list):

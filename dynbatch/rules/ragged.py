@@ -1,0 +1,430 @@
+"""Ragged rules: calls over sequences of different lengths, run as one call.
+
+A per-example tensor whose dim 0 is a sequence (a sentence's L tokens) gives every length
+its own signature, and dense batching one batch per length. Many calls compute every
+length the same way: they treat rows independently (elementwise ops, Linear, Embedding,
+layer_norm, softmax over a trailing dim), reduce over the sequence (sum and mean over dim
+0, cross entropy over a sentence's tokens, a dot product over L), normalise over it
+(softmax over dim 0), or run a recurrent module along it (native.py). Such a signature has
+a ``Ragged`` form (``sig.ragged``): which of its inputs are ragged (dim 0 is the
+sequence), and how a group of signatures that differ only in those lengths runs as one
+call over all their rows.
+
+The registry states per op which inputs may be ragged (``form_of``); everything else
+keeps a signature per length and stays exact. How a group runs (NOTE [ragged groups]):
+the tracer gives each such signature a ``family`` (its key with the ragged lengths left
+out, ``family_of``); the schedule batches a family as one; the plan splits the batch into
+one step per length, each with its own dense store entry as for any step, marked to run
+jointly (``Step.joint``); execute gathers each step's inputs and calls ``Ragged.run`` once:
+rows concatenated (``(n, L, ...)`` flattened to ``(n * L, ...)``), one call, outputs split
+back into each step's dense entry (views). Reductions over the sequence add rows into
+their example with one ``index_add``; softmax over it pads to the longest with -inf.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from ..lazy import Input, TensorMeta, meta_of
+from . import table
+from .registry import rule_for
+
+_T = torch.Tensor
+
+
+class Ragged:
+    """How signatures that differ only in their ragged inputs' lengths run as one call.
+    ``rows``: the positions (in ``sig.inputs``) of the ragged inputs, all of one length
+    per example; ``run(sigs, parts)``: ``parts[j]`` the gathered inputs of the step of
+    ``sigs[j]`` (dense, ``(n_j, L_j, ...)`` for a ragged input), returns each step's tuple
+    of outputs, dense as that signature's own batched call gives them."""
+
+    __slots__ = ("rows", "run", "kind")
+
+    def __init__(self, rows: tuple, run, kind: str):
+        self.rows, self.run, self.kind = rows, run, kind
+
+    def __repr__(self) -> str:
+        return f"<ragged {self.kind} rows={self.rows}>"
+
+
+class Family:
+    """A token naming a group of signatures that may run jointly: one object per family
+    key (interned), so the schedule hashes and compares it by identity."""
+
+    __slots__ = ("__weakref__",)
+
+
+_FAMILIES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def family_of(key: tuple, sig) -> Family | None:
+    """The family of a signature with a ragged form, from its call key: the key with the
+    metas of its ragged inputs made length-free. None when the key's metas cannot be
+    matched to the signature's inputs."""
+    rows = set(sig.ragged.rows)
+    parts, k = [], 0
+    for part in key:
+        if type(part) is TensorMeta:
+            if k in rows:
+                part = meta_of((-1,) + tuple(part.shape[1:]), part.dtype, part.device,
+                               part.requires_grad)
+            k += 1
+        parts.append(part)
+    if k != len(sig.inputs):
+        return None
+    parts = tuple(parts)
+    try:
+        family = _FAMILIES.get(parts)
+        if family is None:
+            family = _FAMILIES.setdefault(parts, Family())
+    except TypeError:       # an unhashable part: no family
+        return None
+    return family
+
+
+# -- the registry: which ops may take ragged inputs ------------------------------------------
+
+_SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
+_LOSSES = {F.cross_entropy, F.nll_loss}
+_SUMS = {torch.sum: "sum", torch.mean: "mean"}
+_MATMUL = {torch.matmul, _T.__matmul__, torch.mm, torch.mv, torch.dot}
+_NOT_ROWWISE = {torch.tril, torch.triu}     # first-argument ops that read the row index
+_LINEAR, _EMBEDDING = F.linear, F.embedding
+_NORMS = {F.layer_norm, getattr(F, "rms_norm", None)}
+
+
+def form_of(key, canon: dict, inputs: tuple, outputs: tuple) -> Ragged | None:
+    """The ragged form of an op in canonical form (``canon`` holds ``Input`` markers), or
+    None: the op stays one signature per length."""
+    if not inputs or not outputs or not inputs[0].shape:
+        return None
+    if any(type(v) in (list, tuple) and any(type(x) is Input for x in v)
+           for v in canon.values()):
+        return None
+    marks = {n: v for n, v in canon.items() if type(v) is Input}
+    if not marks:
+        return None
+    rule = rule_for(key)
+    if rule is table.elementwise:
+        return _elementwise(canon, marks, outputs)
+    if rule is table.first_arg and key not in _NOT_ROWWISE:
+        return _first_arg(key, canon, marks, outputs)
+    if key in _SOFTMAX:
+        return _softmax(canon, marks, outputs)
+    if key in _LOSSES:
+        return _class_loss(canon, marks, outputs)
+    if key in _SUMS:
+        return _sum(_SUMS[key], canon, marks, outputs)
+    if key in _MATMUL:
+        return _matmul(canon, marks, outputs)
+    if key is _T.__getitem__:
+        return _getitem(canon, marks, outputs)
+    return None
+
+
+def _length(meta) -> int | None:
+    return meta.shape[0] if len(meta.shape) else None
+
+
+def _elementwise(canon, marks, outputs):
+    """Rows of every per-example operand of the result's rank; a per-example operand of
+    lower rank is spread to every row of its example (it broadcasts over the sequence)."""
+    out = outputs[0]
+    rank = len(out.shape)
+    if rank == 0 or len(outputs) != 1:
+        return None
+    L = out.shape[0]
+    dtypes = {v.meta.dtype for v in marks.values()}
+    rows, spread = [], []
+    for v in marks.values():
+        r = len(v.meta.shape)
+        if r == rank and v.meta.shape[0] == L:
+            rows.append(v.k)
+        elif r < rank:
+            # spread to rows, a 0-d operand gets a dim: type promotion weighs it otherwise
+            if r == 0 and len(dtypes) > 1:
+                return None
+            spread.append((v.k, rank - 1 - r))
+        else:
+            return None
+    for v in canon.values():
+        # a shared operand must not span the sequence; one of another dtype than the
+        # result would get its gradient summed over every row in the result's precision
+        # (over one example's rows in eager code)
+        if isinstance(v, _T) and ((v.dim() == rank and v.shape[0] != 1) or
+                                  v.dtype != out.dtype):
+            return None
+    if not rows:
+        return None
+    return Ragged(tuple(rows), rows_run(tuple(rows), tuple(spread)), "rows")
+
+
+def _first_arg(key, canon, marks, outputs):
+    """The op on the trailing dims of its one per-example argument: every row alone."""
+    if len(marks) != 1:
+        return None
+    (name, x), = marks.items()
+    if name != next(iter(canon)):
+        return None
+    rank = len(x.meta.shape)
+    if key is _LINEAR and rank < 2:
+        return None
+    if key in _NORMS and len(canon["normalized_shape"]) >= rank:
+        return None
+    L = x.meta.shape[0]
+    if rank == 0 or any(not o.shape or o.shape[0] != L for o in outputs):
+        return None
+    return Ragged((x.k,), rows_run((x.k,), ()), "rows")
+
+
+def _getitem(canon, marks, outputs):
+    """``x[:, ...]``: every row indexed alike by ints, slices and None."""
+    x, index = canon["input"], canon["other"]
+    if type(x) is not Input or len(marks) != 1 or type(index) is not tuple or not index:
+        return None
+    if index[0] != slice(None) or not all(type(i) in (int, slice, type(None))
+                                          for i in index[1:]):
+        return None
+    if not outputs[0].shape or outputs[0].shape[0] != x.meta.shape[0]:
+        return None
+    return Ragged((x.k,), rows_run((x.k,), ()), "rows")
+
+
+def _dim(canon, rank: int):
+    dim = canon.get("dim")
+    return dim % rank if type(dim) is int and -rank <= dim < rank else None
+
+
+def _softmax(canon, marks, outputs):
+    x = canon["input"]
+    if type(x) is not Input or len(marks) != 1:
+        return None
+    rank = len(x.meta.shape)
+    dim = _dim(canon, rank)
+    if dim is None:
+        return None
+    if dim != 0:
+        return Ragged((x.k,), rows_run((x.k,), ()), "rows")
+    return Ragged((x.k,), _padded_softmax(x.k), "softmax over the sequence")
+
+
+def _class_loss(canon, marks, outputs):
+    """Token losses (L, C) against (L,) targets: rows with reduction 'none', one sum per
+    example for 'sum', divided by its targets' total weight for 'mean'."""
+    x, y = canon["input"], canon["target"]
+    if type(x) is not Input or type(y) is not Input or len(x.meta.shape) != 2 or \
+            len(y.meta.shape) != 1 or y.meta.shape[0] != x.meta.shape[0]:
+        return None
+    if canon.get("size_average") is not None or canon.get("reduce") is not None or \
+            isinstance(canon.get("weight"), Input) or \
+            (canon.get("label_smoothing") and canon.get("weight") is not None):
+        return None
+    reduction = canon["reduction"]
+    if reduction == "none":
+        return Ragged((x.k, y.k), rows_run((x.k, y.k), ()), "rows")
+    if reduction not in ("sum", "mean"):
+        return None
+    return Ragged((x.k, y.k), _class_loss_run(x.k, y.k, reduction), "sum over the sequence")
+
+
+def _sum(how, canon, marks, outputs):
+    """sum / mean over dim 0 (or over every dim of a vector), in the input's dtype."""
+    x = canon["input"]
+    if type(x) is not Input or len(marks) != 1 or canon.get("dtype") is not None or \
+            canon.get("keepdim") or not x.meta.dtype.is_floating_point:
+        return None
+    rank = len(x.meta.shape)
+    dim = canon.get("dim")
+    if type(dim) in (list, tuple) and len(dim) == 1:
+        dim = dim[0]
+    if dim is None and rank != 1:
+        return None
+    if dim is not None and (type(dim) is not int or not -rank <= dim < rank or dim % rank):
+        return None
+    if outputs[0].dtype != x.meta.dtype:
+        return None
+    return Ragged((x.k,), _segment_run(x.k, how), f"{how} over the sequence")
+
+
+def _matmul(canon, marks, outputs):
+    """(L, d) @ shared (d[, k]): rows. (L, d) @ a per-example (d,): each row's dot product
+    with its example's vector. (L,) @ (L[, d]): a sum over the sequence."""
+    a, b = canon.get("input"), canon.get("other", canon.get("vec", canon.get("mat2",
+                                                                             canon.get("tensor"))))
+    if type(a) is not Input:
+        return None
+    ra = len(a.meta.shape)
+    if type(b) is not Input:
+        if ra == 2 and isinstance(b, _T) and b.dim() in (1, 2):
+            return Ragged((a.k,), rows_run((a.k,), ()), "rows")
+        return None
+    rb = len(b.meta.shape)
+    if ra == 2 and rb == 1 and b.meta.shape[0] == a.meta.shape[1]:
+        return Ragged((a.k,), _row_dot_run(a.k, b.k), "rows")
+    if ra == 1 and rb in (1, 2) and b.meta.shape[0] == a.meta.shape[0]:
+        return Ragged((a.k, b.k), _weighted_sum_run(a.k, b.k), "sum over the sequence")
+    return None
+
+
+# -- running a group ---------------------------------------------------------------------------
+
+class Lengths:
+    """The examples of a group of steps and their lengths, read off the gathered parts
+    (``parts[j][k]`` is ``(n_j, L_j, ...)``): examples in step order, then row order;
+    their rows in that order are the rows of ``cat``. Index tensors are cached per
+    distinct group (a decoder's steps repeat the same one)."""
+
+    def __init__(self, parts: list, k: int):
+        shapes = [p[k].shape for p in parts]
+        self.ns = [s[0] for s in shapes]
+        self.ls = [s[1] for s in shapes]
+        self.n = sum(self.ns)
+        self.key = (tuple(self.ns), tuple(self.ls))
+
+    def cat(self, tensors: list) -> _T:
+        """The rows of every example, in order: ``(sum of n_j * L_j, ...)``."""
+        flat = [t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]) for t in tensors]
+        return flat[0] if len(flat) == 1 else torch.cat(flat)
+
+    def rows(self, outputs) -> list[tuple]:
+        """Outputs over all rows split into each step's dense ``(n_j, L_j, ...)``."""
+        sizes = [n * L for n, L in zip(self.ns, self.ls)]
+        split = [o.split(sizes) for o in outputs]
+        return [tuple(s[j].reshape(n, L, *s[j].shape[1:]) for s in split)
+                for j, (n, L) in enumerate(zip(self.ns, self.ls))]
+
+    def examples(self, outputs) -> list[tuple]:
+        """Outputs over all examples split into each step's ``(n_j, ...)``."""
+        split = [o.split(self.ns) for o in outputs]
+        return [tuple(s[j] for s in split) for j in range(len(self.ns))]
+
+    def index(self, name: str, device) -> _T:
+        key = (name, self.key, device)
+        found = INDEX.get(key)
+        if found is None:
+            found = remember(key, self._make(name).to(device))
+        return found
+
+    def lengths(self) -> list[int]:
+        return [L for n, L in zip(self.ns, self.ls) for _ in range(n)]
+
+    def _make(self, name: str):
+        lengths = torch.tensor(self.lengths(), dtype=torch.int64)
+        if name == "segment":       # row -> its example
+            return torch.repeat_interleave(lengths)
+        if name == "lengths":
+            return lengths
+        # "padded": row -> its place in (examples, longest, ...) flattened
+        longest = max(self.ls)
+        starts = torch.cumsum(lengths, 0) - lengths
+        segment = torch.repeat_interleave(lengths)
+        return torch.arange(int(lengths.sum())) - starts[segment] + segment * longest
+
+
+INDEX: dict = {}       # index tensors of the groups met, by (what, group, device)
+
+
+def remember(key, value):
+    if len(INDEX) > 4096:
+        INDEX.clear()
+    INDEX[key] = value
+    return value
+
+
+def rows_run(rows: tuple, spread: tuple):
+    def run(sigs, parts):
+        seq = Lengths(parts, rows[0])
+        values = list(parts[0])
+        for k in rows:
+            values[k] = seq.cat([p[k] for p in parts])
+        for k, ones in spread:      # (n, ...) per example -> (rows, 1.., ...) per row
+            b = torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
+            b = b.index_select(0, seq.index("segment", b.device))
+            values[k] = b.reshape(b.shape[0], *([1] * ones), *b.shape[1:])
+        sig = sigs[0]
+        return seq.rows(sig.flat(sig.per_example(values)))
+    return run
+
+
+def _segment_sum(x: _T, seq: Lengths) -> _T:
+    return x.new_zeros((seq.n, *x.shape[1:])).index_add(0, seq.index("segment", x.device), x)
+
+
+def _segment_run(k: int, how: str):
+    def run(sigs, parts):
+        seq = Lengths(parts, k)
+        x = seq.cat([p[k] for p in parts])
+        total = _segment_sum(x, seq)
+        if how == "mean":
+            count = seq.index("lengths", x.device).to(x.dtype)
+            total = total / count.reshape(-1, *([1] * (x.dim() - 1)))
+        return seq.examples((total,))
+    return run
+
+
+def _class_loss_run(kx: int, ky: int, reduction: str):
+    def run(sigs, parts):
+        sig = sigs[0]
+        seq = Lengths(parts, kx)
+        values = list(parts[0])
+        values[kx] = seq.cat([p[kx] for p in parts])
+        values[ky] = seq.cat([p[ky] for p in parts])
+        _, kw = sig.fill(values)
+        kw = dict(kw, reduction="none")
+        loss = sig.target(**kw)
+        total = _segment_sum(loss, seq)
+        if reduction == "mean":     # as PyTorch: over the targets' total class weight
+            y = kw["target"]
+            keep = (y != kw["ignore_index"]).to(loss.dtype)
+            weight = kw.get("weight")
+            if weight is not None:
+                keep = keep * weight[y.clamp(0, weight.shape[0] - 1)]
+            total = total / _segment_sum(keep, seq)
+        return seq.examples((total,))
+    return run
+
+
+def _padded_softmax(k: int):
+    """softmax / log_softmax over the sequence: rows padded to the longest with -inf
+    (exp gives 0 there: the real rows' values are those of each example alone), one call
+    over dim 1, the real rows taken back."""
+    def run(sigs, parts):
+        sig = sigs[0]
+        seq = Lengths(parts, k)
+        x = seq.cat([p[k] for p in parts])
+        where = seq.index("padded", x.device)
+        longest = max(seq.ls)
+        padded = x.new_full((seq.n * longest, *x.shape[1:]), float("-inf"))
+        values = list(parts[0])
+        values[k] = padded.index_copy(0, where, x).reshape(seq.n, longest, *x.shape[1:])
+        _, kw = sig.fill(values)
+        out = sig.target(**dict(kw, dim=1))
+        out = out.reshape(seq.n * longest, *out.shape[2:]).index_select(0, where)
+        return seq.rows((out,))
+    return run
+
+
+def _row_dot_run(ka: int, kb: int):
+    """(L, d) @ (d,) per example: every row times its example's vector, summed over d."""
+    def run(sigs, parts):
+        seq = Lengths(parts, ka)
+        a = seq.cat([p[ka] for p in parts])
+        b = torch.cat([p[kb] for p in parts]) if len(parts) > 1 else parts[0][kb]
+        b = b.index_select(0, seq.index("segment", b.device))
+        dots = torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1))   # keeps matmul's dtype
+        return seq.rows((dots.reshape(a.shape[0]),))
+    return run
+
+
+def _weighted_sum_run(ka: int, kb: int):
+    """(L,) @ (L[, d]): each row of b weighted by a's, summed over the example's rows."""
+    def run(sigs, parts):
+        seq = Lengths(parts, ka)
+        a = seq.cat([p[ka] for p in parts])
+        b = seq.cat([p[kb] for p in parts])
+        rows = a.unsqueeze(1) * b if b.dim() == 2 else a * b
+        return seq.examples((_segment_sum(rows, seq),))
+    return run
