@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from dynbatch.models import BiLSTMTagger, BinaryTreeLSTM, ChildSumTreeLSTM
+from dynbatch.models import BiLSTMTagger, BinaryTreeLSTM, ChildSumTreeLSTM, LSTMTagger
 
 
 def _by_height(trees: Sequence[Any]) -> tuple[list[list[Any]], list[int], dict[int, int]]:
@@ -161,7 +161,7 @@ def _lstm_shell(model: BiLSTMTagger) -> tuple[nn.LSTM, dict[str, Tensor]]:
     return shell, params
 
 
-def _packed_tagger_logits(model: BiLSTMTagger, sentences: Sequence[Sequence[int]]
+def _packed_tagger_logits(model: BiLSTMTagger | LSTMTagger, sentences: Sequence[Sequence[int]]
                           ) -> tuple[Tensor, list[int], list[int]]:
     """Logits of every token in packed order (time-major over the length-sorted batch), with
     each packed row's sentence index and position."""
@@ -175,12 +175,15 @@ def _packed_tagger_logits(model: BiLSTMTagger, sentences: Sequence[Sequence[int]
     words = torch.tensor([w for s in padded for w in s], dtype=torch.long, device=device)
     x = model.embedding(words.view(len(order), T))
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=True)
-    shell, params = _lstm_shell(model)
-    out, _ = functional_call(shell, params, (packed,))
+    if isinstance(model, LSTMTagger):       # its own nn.LSTM
+        out, _ = model.lstm(packed)
+    else:
+        shell, params = _lstm_shell(model)
+        out, _ = functional_call(shell, params, (packed,))
     return model.out(out.data), packed_rows, packed_pos
 
 
-def padded_tagger_loss(model: BiLSTMTagger, sentences: Sequence[Sequence[int]],
+def padded_tagger_loss(model: BiLSTMTagger | LSTMTagger, sentences: Sequence[Sequence[int]],
                        tags: Sequence[Sequence[int]]) -> Tensor:
     """Per-sentence sum of token losses, shape [len(sentences)]; sentences must be non-empty."""
     logits, packed_rows, packed_pos = _packed_tagger_logits(model, sentences)
@@ -191,7 +194,7 @@ def padded_tagger_loss(model: BiLSTMTagger, sentences: Sequence[Sequence[int]],
     return losses.new_zeros(len(sentences)).index_add(0, sent_idx, losses)
 
 
-def padded_tagger_logits(model: BiLSTMTagger, sentences: Sequence[Sequence[int]]) -> Tensor:
+def padded_tagger_logits(model: BiLSTMTagger | LSTMTagger, sentences: Sequence[Sequence[int]]) -> Tensor:
     """Every token's logits in sentence order (sentence 0's tokens first), shape
     [total tokens, num_tags]; sentences must be non-empty."""
     logits, packed_rows, packed_pos = _packed_tagger_logits(model, sentences)

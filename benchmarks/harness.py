@@ -431,6 +431,8 @@ class ProcessRunner:
 
 def unavailable(task: str, name: str) -> str | None:
     """Why ``name`` does not run on ``task`` (None: it does)."""
+    if name in ("dynet", "torchfold") and task == "tagger-lstm":
+        return "the peers run the tagger task (the nn.LSTM form is PyTorch's own)"
     if name == "dynet":
         # Only look: importing DyNet into this process would slow PyTorch (ProcessRunner).
         import importlib.util

@@ -11,7 +11,9 @@ Tasks:
     sst128  binary Tree-LSTM, SST trees, embedding 128 / hidden 128, a loss on every node
     sst300  the same model at Tai et al.'s sizes, embedding 300 / hidden 150
     ast     Child-Sum Tree-LSTM over standard-library function ASTs, 128 / 128, root loss
-    tagger  BiLSTM tagger over SST sentences (each word's own sentiment label is its tag)
+    tagger  BiLSTM tagger over SST sentences (each word's own sentiment label is its tag),
+            written with two nn.LSTMCell loops
+    tagger-lstm  the same tagger written with one nn.LSTM(bidirectional=True) call
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ from torch import Tensor, nn
 
 import dynbatch as db
 from benchmarks import handbatched as hb
-from dynbatch.models import BiLSTMTagger, BinaryTreeLSTM, ChildSumTreeLSTM
+from dynbatch.models import BiLSTMTagger, BinaryTreeLSTM, ChildSumTreeLSTM, LSTMTagger
 
-TASKS = ("sst128", "sst300", "ast", "tagger")
+TASKS = ("sst128", "sst300", "ast", "tagger", "tagger-lstm")
+TAGGERS = ("tagger", "tagger-lstm")
 TASK_INFO = {
     "sst128": "Binary Tree-LSTM, SST train trees, embed {e} / hidden {h}, 5-way loss on every node",
     "sst300": "Binary Tree-LSTM, SST train trees, embed {e} / hidden {h}, 5-way loss on every node",
@@ -36,8 +39,11 @@ TASK_INFO = {
            "20-way root loss",
     "tagger": "BiLSTM tagger (LSTMCell per step, both directions), SST sentences, embed {e} / "
               "hidden {h}, 5 tags (each word's sentiment), loss on every token",
+    "tagger-lstm": "BiLSTM tagger (one nn.LSTM call per sentence), SST sentences, embed {e} / "
+                   "hidden {h}, 5 tags (each word's sentiment), loss on every token",
 }
-DIMS = {"sst128": (128, 128), "sst300": (300, 150), "ast": (128, 128), "tagger": (128, 128)}
+DIMS = {"sst128": (128, 128), "sst300": (300, 150), "ast": (128, 128), "tagger": (128, 128),
+        "tagger-lstm": (128, 128)}
 TINY_DIMS = (8, 6)
 AST_MAX_NODES = 120
 AST_CLASSES = 20
@@ -120,7 +126,7 @@ def load_task(name: str, *, limit: int, sst_dir: Path, tiny: bool = False) -> Ta
         trees, vocab, source = _sst(sst_dir, limit)
         return TaskData(name, trees, vocab, 5, embed, hidden, source,
                         {"nodes": sum(t.size() for t in trees)})
-    if name == "tagger":
+    if name in TAGGERS:
         trees, vocab, source = _sst(sst_dir, limit)
         examples = []
         for t in trees:
@@ -157,7 +163,7 @@ def _size(t) -> int:
 
 def example_size(task: str, ex) -> int:
     """Nodes (trees) or tokens (tagger) in one example."""
-    if task == "tagger":
+    if task in TAGGERS:
         return len(ex[0])
     return ex.size() if hasattr(ex, "size") else _size(ex)
 
@@ -168,6 +174,8 @@ def make_model(task: TaskData, seed: int = 0) -> nn.Module:
         return BinaryTreeLSTM(task.vocab_size, task.embed, task.hidden, task.num_classes)
     if task.name == "ast":
         return ChildSumTreeLSTM(task.vocab_size, task.embed, task.hidden, task.num_classes)
+    if task.name == "tagger-lstm":
+        return LSTMTagger(task.vocab_size, task.embed, task.hidden, task.num_classes)
     return BiLSTMTagger(task.vocab_size, task.embed, task.hidden, task.num_classes)
 
 
@@ -232,13 +240,17 @@ def _eager(task: str) -> TorchImpl:
         return TorchImpl("eager",
                          lambda m, b: torch.stack([m(w, t) for w, t in b]),
                          lambda m, b: torch.stack([l for w, _ in b for l in m.predict_logits(w)]))
+    if task == "tagger-lstm":
+        return TorchImpl("eager",
+                         lambda m, b: torch.stack([m(w, t) for w, t in b]),
+                         lambda m, b: torch.cat([m.predict_logits(w) for w, _ in b]))
     logits = (lambda m, t: m.root_logits(t)) if task != "ast" else (lambda m, t: m.logits(t))
     return TorchImpl("eager", lambda m, b: torch.stack([m(t) for t in b]),
                      lambda m, b: torch.stack([logits(m, t) for t in b]))
 
 
 def _hand(task: str) -> TorchImpl:
-    if task == "tagger":
+    if task in TAGGERS:
         return TorchImpl("hand",
                          lambda m, b: hb.padded_tagger_loss(m, [w for w, _ in b],
                                                             [t for _, t in b]),
@@ -261,9 +273,9 @@ def _flat_logits(results) -> Tensor:
 
 def _dynbatch(task: str, strategy: str, blocks: bool) -> TorchImpl:
     name = f"dynbatch-{'blocks-' if blocks else ''}{strategy}"
-    if task == "tagger":
+    if task in TAGGERS:
         loss, infer = _DB_FNS["tagger_loss", strategy], _DB_FNS["tagger_logits", strategy]
-        join_infer = _flat_logits
+        join_infer = _flat_logits if task == "tagger" else torch.cat
     else:
         loss = _DB_FNS["tree_loss", strategy]
         infer = _DB_FNS["ast_logits" if task == "ast" else "sst_logits", strategy]

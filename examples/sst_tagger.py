@@ -1,15 +1,20 @@
 """BiLSTM tagger written per sentence, batched by dynbatch, next to the padded version.
 
 Task: over SST sentences, tag every word with its own SST leaf label (5 sentiment classes).
-The model (dynbatch/models/tagger.py, `BiLSTMTagger`) is written for ONE sentence with two
-`nn.LSTMCell` loops and no padding; dynbatch batches it across sentences with one decorator.
-The same weights also run as what one writes by hand: padding + `pack_padded_sequence`
-through `nn.LSTM` (benchmarks/handbatched.py, `padded_tagger_loss`). The script shows that
-the three compute the same losses and gradients, trains briefly with dynbatch, and times a
+The model (dynbatch/models/tagger.py) is written for ONE sentence, with no padding:
+`LSTMTagger` (the default, `--form lstm`) embeds the sentence, runs one
+`nn.LSTM(bidirectional=True)` over it and a linear layer on every token; `BiLSTMTagger`
+(`--form cells`) runs two `nn.LSTMCell` loops instead. dynbatch batches either across
+sentences of every length with one decorator: the nn.LSTM over all the minibatch's
+sentences is one packed call, the embedding, linear layer and loss one call each. The same
+weights also run as what one writes by hand: padding + `pack_padded_sequence` through
+`nn.LSTM` (benchmarks/handbatched.py, `padded_tagger_loss`). The script shows that the
+three compute the same losses and gradients, trains briefly with dynbatch, and times a
 training step (forward + backward) of eager per sentence, dynbatch and padded.
 
     python examples/sst_tagger.py                  # ~1-2 minutes on 2 CPU cores
     python examples/sst_tagger.py --seconds 10     # shorter training
+    python examples/sst_tagger.py --form cells     # the nn.LSTMCell form
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ sys.path.insert(0, str(REPO))
 import dynbatch as db  # noqa: E402
 from benchmarks.handbatched import padded_tagger_loss  # noqa: E402
 from dynbatch.data import sst  # noqa: E402
-from dynbatch.models.tagger import BiLSTMTagger  # noqa: E402
+from dynbatch.models.tagger import BiLSTMTagger, LSTMTagger  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sst"
 
@@ -37,6 +42,12 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "sst"
 def sentence_loss(example, model):
     words, tags = example
     return model(words, tags)
+
+
+@db.batched
+def sentence_logits(example, model):
+    logits = model.predict_logits(example[0])
+    return torch.stack(logits) if isinstance(logits, list) else logits
 
 
 def eager_losses(model, examples) -> list[torch.Tensor]:
@@ -113,7 +124,7 @@ def token_accuracy(model, examples, batch: int = 256) -> float:
     with torch.no_grad():
         for start in range(0, len(examples), batch):
             chunk = examples[start:start + batch]
-            logits = db.batched(lambda ex, m: torch.stack(m.predict_logits(ex[0])))(chunk, model)
+            logits = sentence_logits(chunk, model)
             for lg, (_, tags) in zip(logits, chunk):
                 correct += sum(p == t for p, t in zip(lg.argmax(1).tolist(), tags))
                 total += len(tags)
@@ -123,6 +134,9 @@ def token_accuracy(model, examples, batch: int = 256) -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", help="directory with {train,dev,test}.txt")
+    ap.add_argument("--form", choices=("lstm", "cells"), default="lstm",
+                    help="the per-sentence model: one nn.LSTM call (default) or two "
+                         "nn.LSTMCell loops")
     ap.add_argument("--embed-dim", type=int, default=64)
     ap.add_argument("--hidden-dim", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
@@ -164,7 +178,10 @@ def main(argv=None) -> dict:
     baseline = sum(t == majority for t in dev_tokens) / max(1, len(dev_tokens))
     print(f"majority tag {majority}: dev token accuracy {baseline:.3f}")
 
-    model = BiLSTMTagger(len(vocab), args.embed_dim, args.hidden_dim, sst.NUM_CLASSES["fine"])
+    cls = LSTMTagger if args.form == "lstm" else BiLSTMTagger
+    model = cls(len(vocab), args.embed_dim, args.hidden_dim, sst.NUM_CLASSES["fine"])
+    print(f"model: {cls.__name__} ({args.form} form), embed {args.embed_dim}, hidden "
+          f"{args.hidden_dim}")
     result: dict = {"args": vars(args), "majority_dev_token_acc": baseline}
 
     # Same weights: the model itself, and a float64 copy of it (where any difference left
@@ -218,9 +235,12 @@ def main(argv=None) -> dict:
     result["speed"] = speed
     print(f"training step (forward+backward), minibatch {args.batch}, sentences/s: "
           f"eager per sentence {speed['eager']:.0f}, dynbatch {speed['dynbatch']:.0f} "
-          f"({speed['dynbatch'] / speed['eager']:.1f}x eager), padded+packed nn.LSTM "
-          f"{speed['padded']:.0f} ({speed['padded'] / speed['dynbatch']:.1f}x dynbatch)")
-    print(f"dynbatch, last minibatch: {db.stats()}")
+          f"({speed['dynbatch'] / speed['eager']:.1f}x eager, "
+          f"{speed['dynbatch'] / speed['padded']:.2f}x padded), padded+packed nn.LSTM "
+          f"{speed['padded']:.0f}")
+    s = db.stats()
+    result["last_stats"] = {"nodes": s.nodes, "batches": s.batches, "fallbacks": s.fallbacks}
+    print(f"dynbatch, last minibatch: {s}")
     return result
 
 

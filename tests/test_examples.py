@@ -76,12 +76,13 @@ def test_sst_treelstm_loads_glove_format(small_sst, tmp_path):
     assert (after[2:] == before[2:]).all()   # words not in the file keep their vectors
 
 
-def test_sst_tagger_trains(small_sst):
+@pytest.mark.parametrize("form", ["lstm", "cells"])
+def test_sst_tagger_trains(small_sst, form):
     example = load_example("sst_tagger")
     results = example.main([
         "--data", str(small_sst), "--limit", "40", "--epochs", "3", "--seconds", "600",
         "--embed-dim", "16", "--hidden-dim", "16", "--batch", "10", "--check", "8",
-        "--speed-batches", "1", "--eval-limit", "20", "--threads", "1"])
+        "--speed-batches", "1", "--eval-limit", "20", "--threads", "1", "--form", form])
     losses = [e["loss"] for e in results["epochs"]]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     # Equal on the same weights: float64 exactly up to rounding; float32 up to rounding too.
@@ -89,6 +90,26 @@ def test_sst_tagger_trains(small_sst):
         tol = 1e-8 if dtype == "torch.float64" else 1e-3
         assert max(diffs.values()) < tol, (dtype, diffs)
     assert set(results["speed"]) == {"eager", "dynbatch", "padded"}
+    stats = results["last_stats"]
+    assert stats["fallbacks"] == 0, stats
+    if form == "lstm":      # embedding, nn.LSTM, linear, loss: one call each, any lengths
+        assert stats["batches"] == 4, stats
+
+
+def test_seq2seq_attention_trains():
+    example = load_example("seq2seq_attention")
+    results = example.main([
+        "--train", "160", "--test", "24", "--max-len", "12", "--seconds", "600",
+        "--epochs", "2", "--embed-dim", "8", "--hidden-dim", "8", "--batch", "16",
+        "--check", "6", "--speed-rounds", "1", "--threads", "1"])
+    assert max(results["max_abs_diff"].values()) < 1e-8, results["max_abs_diff"]
+    losses = [e["loss"] for e in results["epochs"]]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+    stats = results["last_stats"]
+    assert stats["fallbacks"] == 0, stats
+    # one call per decoder step for the recurrence, the rest across steps and lengths
+    assert stats["batches"] <= 13 + 12 + 1, stats
+    assert stats["decoder_steps"] > 3 * stats["batches"], stats
 
 
 def test_ast_treelstm_runs(capsys):
