@@ -24,7 +24,7 @@ from . import rules
 from .errors import TraceError, warn_at, where
 from .graph import outs_of
 from .infer import checks_out, fake_cannot, infer
-from .lazy import LazyTensor, TensorMeta, meta_of_tensor
+from .lazy import LazyTensor, TensorMeta, meta_of, meta_of_tensor
 from .rules import Call, fallback, fused, normalize, ragged
 from .state import grad_mode_of
 from .template import PLAIN, SCALARS, SHARED, filler, metas_of, template_of
@@ -223,7 +223,15 @@ def signature_for(fn, args, kwargs, key, local, state, tracer, site) -> Signatur
     if known is not None:
         sig = _rebound(known, targs, tkwargs)
     else:
-        sig = _new_signature(fn, targs, tkwargs, metas, state, tracer, site)
+        free = _length_free(fn, state, facts, metas)
+        other = _OTHER_LENGTH.get(free) if free is not None else None
+        sig = _at_length(other, targs, tkwargs, metas, site) if other is not None else None
+        if sig is None:
+            sig = _new_signature(fn, targs, tkwargs, metas, state, tracer, site)
+            if free is not None and sig.ragged is not None and sig.single is not None:
+                if len(_OTHER_LENGTH) > _LIMIT:
+                    _OTHER_LENGTH.clear()
+                _OTHER_LENGTH[free] = sig
         if facts_key is not None:
             if len(_INFERRED) > _LIMIT:
                 _INFERRED.clear()
@@ -234,6 +242,52 @@ def signature_for(fn, args, kwargs, key, local, state, tracer, site) -> Signatur
         if len(GLOBAL) > _LIMIT:
             GLOBAL.clear()
         sig = GLOBAL.setdefault(key, sig)     # two threads may have made it at once
+    return sig
+
+
+_OTHER_LENGTH: dict = {}    # length-free facts -> a signature with a ragged form
+
+
+def _length_free(fn, state, facts, metas):
+    """The facts of a call with the length L of its first input's sequence left out of
+    every per-example meta that has it (dim 0), or None: lengths 0 and 1 are inferred
+    afresh (a size-1 dim broadcasts)."""
+    if facts is None or not metas or not metas[0].shape or metas[0].shape[0] < 2:
+        return None
+    length = metas[0].shape[0]
+    parts, shared = [fn, state], False
+    for part in facts:
+        if type(part) is TensorMeta and not shared and part.shape and \
+                part.shape[0] == length:
+            part = meta_of((-1,) + tuple(part.shape[1:]), part.dtype, part.device,
+                           part.requires_grad)
+        shared = part is SHARED
+        parts.append(part)
+    return tuple(parts)
+
+
+def _at_length(other: Signature, targs, tkwargs, metas, site) -> Signature | None:
+    """NOTE [ragged groups] in rules/ragged.py: the signature of a call that differs from
+    ``other`` only in its sequences' length, without inference: an op with a ragged form
+    computes every length alike, its output along the sequence when the form's is (else
+    of the same shape), and its rule takes any length. None when the form does not hold
+    at this length."""
+    length = metas[0].shape[0]
+    outputs = other.outputs
+    if other.ragged.along:
+        outputs = tuple(meta_of((length,) + tuple(m.shape[1:]), m.dtype, m.device,
+                                m.requires_grad) for m in outputs)
+    sig = Signature(OP, other.fn, other.name, other.state, metas, outputs,
+                    wrapper(None, outputs))
+    sig.single, sig.site, sig.view = outputs[0], site, other.view
+    normal = sig.normal = other.normal
+    canon = normalize.canonical(normal, targs, tkwargs)
+    sig.ragged = ragged.form_of(normal.key, canon, metas, outputs)
+    if sig.ragged is None or sig.ragged.kind != other.ragged.kind:
+        return None
+    rule = rules.rule_for(normal.key) if other.rule is not None else None
+    sig.rule = rule(Call(other.fn, normal.target, canon, outputs)) if rule else None
+    _finish(sig, targs, tkwargs)
     return sig
 
 

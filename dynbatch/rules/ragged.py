@@ -37,14 +37,16 @@ _T = torch.Tensor
 class Ragged:
     """How signatures that differ only in their ragged inputs' lengths run as one call.
     ``rows``: the positions (in ``sig.inputs``) of the ragged inputs, all of one length
-    per example; ``run(sigs, parts)``: ``parts[j]`` the gathered inputs of the step of
+    per example; ``along``: its outputs (an RNN module's first) run along the sequence,
+    else they do not depend on its length; ``run(sigs, parts)``: ``parts[j]`` the gathered inputs of the step of
     ``sigs[j]`` (dense, ``(n_j, L_j, ...)`` for a ragged input), returns each step's tuple
     of outputs, dense as that signature's own batched call gives them."""
 
-    __slots__ = ("rows", "run", "kind")
+    __slots__ = ("rows", "run", "kind", "along")
 
     def __init__(self, rows: tuple, run, kind: str):
         self.rows, self.run, self.kind = rows, run, kind
+        self.along = kind in ("rows", "softmax over the sequence", "packed")
 
     def __repr__(self) -> str:
         return f"<ragged {self.kind} rows={self.rows}>"
