@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import dynbatch as db
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -425,3 +427,34 @@ def test_where_sorts_profiler_samples_into_the_parts_of_a_step():
                                  read_line)
     assert total == 3 * (len(samples) - 2)
     assert counts["batched torch work"] == 9 and counts["backward"] == 3
+
+
+def test_tagger_lstm_implementations_agree(tiny_sst: Path):
+    """The nn.LSTM tagger task (cheaper than a bench run: in this process, one minibatch):
+    hand-batched and dynbatch give eager's losses, outputs and gradients; the peers and
+    the blocks form do not run it."""
+    from benchmarks import harness as H
+    from benchmarks import tasks as T
+    task = T.load_task("tagger-lstm", limit=12, sst_dir=tiny_sst, tiny=True)
+    model = T.make_model(task)
+    batch = task.examples[:8]
+    assert len({len(w) for w, _ in batch}) > 2
+
+    def run(name):
+        impl = T.torch_impl("tagger-lstm", name)
+        model.zero_grad(set_to_none=True)
+        losses = impl.losses(model, batch)
+        losses.sum().backward()
+        with torch.no_grad():
+            out = impl.infer(model, batch)
+        return losses.detach(), out, [p.grad.clone() for p in model.parameters()]
+    eager = run("eager")
+    for name in ("hand", "dynbatch-agenda", "dynbatch-depth"):
+        got = run(name)
+        for a, b in zip(got[:2] + tuple(got[2]), eager[:2] + tuple(eager[2])):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        if name.startswith("dynbatch"):     # inference: embedding, nn.LSTM, linear
+            assert db.stats().batches == 3, db.stats().table()
+    assert eager[1].shape[0] == sum(len(w) for w, _ in batch)
+    assert T.torch_impl("tagger-lstm", "dynbatch-blocks-agenda") is None
+    assert H.unavailable("tagger-lstm", "dynet") and H.unavailable("tagger-lstm", "torchfold")
