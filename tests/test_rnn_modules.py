@@ -121,3 +121,20 @@ def test_batched_input_is_left_to_the_fallback():
     with pytest.warns(RuntimeWarning, match="one example at a time"):
         assert_matches_eager(run, xs, m, atol=ATOL, rtol=RTOL)
     assert db.stats().fallbacks == 3
+
+
+def test_mixed_lengths_with_dropout_between_layers():
+    # dropout between layers in training draws other numbers than the eager loop (as any
+    # random op batched): one packed call still, each example's outputs of its own length;
+    # in eval mode the same module equals eager
+    torch.manual_seed(1)
+    m = nn.GRU(4, 5, num_layers=2, dropout=0.5).double().train()
+    lengths = mixed_lengths(12)
+    outs = db.batched(run)(sequences(lengths), m)
+    assert_native(1)
+    assert [o.shape[0] for o, _ in outs] == lengths
+    torch.stack([o.sum() for o, _ in outs]).sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    m.eval()
+    assert_matches_eager(run, sequences(lengths), m, atol=ATOL, rtol=RTOL)
+    assert_native(1)

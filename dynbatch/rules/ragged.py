@@ -416,8 +416,11 @@ def _row_dot_run(ka: int, kb: int):
         a = seq.cat([p[ka] for p in parts])
         b = torch.cat([p[kb] for p in parts]) if len(parts) > 1 else parts[0][kb]
         b = b.index_select(0, seq.index("segment", b.device))
-        dots = torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1))   # keeps matmul's dtype
-        return seq.rows((dots.reshape(a.shape[0]),))
+        if a.is_floating_point():   # 4x a batch of (1, d) @ (d, 1) products
+            dots = torch.linalg.vecdot(a, b)
+        else:                       # integers: sum() would promote; complex: no conj
+            dots = torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).reshape(a.shape[0])
+        return seq.rows((dots,))
     return run
 
 
