@@ -30,6 +30,7 @@ from .state import grad_mode_of
 from .template import PLAIN, SCALARS, SHARED, filler, metas_of, template_of
 
 Tensor = torch.Tensor
+_einsum = torch.einsum      # as imported (a run replaces it by a wrapper while it records)
 OP, READ, BLOCK, INPLACE = "op", "read", "block", "inplace"
 _INPLACE_OPERATORS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                       "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
@@ -228,7 +229,8 @@ def signature_for(fn, args, kwargs, key, local, state, tracer, site) -> Signatur
         sig = _at_length(other, targs, tkwargs, metas, site) if other is not None else None
         if sig is None:
             sig = _new_signature(fn, targs, tkwargs, metas, state, tracer, site)
-            if free is not None and sig.ragged is not None and sig.single is not None:
+            if free is not None and sig.ragged is not None and sig.single is not None \
+                    and sig.normal is not None:
                 if len(_OTHER_LENGTH) > _LIMIT:
                     _OTHER_LENGTH.clear()
                 _OTHER_LENGTH[free] = sig
@@ -341,6 +343,8 @@ def _new_signature(fn, targs, tkwargs, metas, state, tracer, site) -> Signature:
             if sig.rule is not None and not checks_out(sig.rule, canon, outputs, state):
                 sig.rule = None
         sig.ragged = ragged.form_of(normal.key, canon, metas, outputs)
+    elif fn is _einsum and not tkwargs:
+        sig.ragged = ragged.einsum_form(targs, outputs)
     _finish(sig, targs, tkwargs)
     return sig
 

@@ -117,6 +117,21 @@ def test_tagger_of_embedding_linear_and_loss(model):
     assert_ragged(4)
 
 
+def projections(example, m):
+    x, v = example
+    return (torch.einsum("ld,kd->lk", x, m["lin"].weight), torch.einsum("ld,d->l", x, v),
+            torch.einsum("ld,ld->l", [x, x]), torch.einsum("lc,cd,d->lc", x, m["lin"].weight, v))
+
+
+def test_einsum_with_the_sequence_as_a_free_index(model):
+    xs = sentences(lengths_of())
+    torch.manual_seed(2)
+    examples = [(x, torch.randn(D, dtype=torch.float64, requires_grad=True)) for x in xs]
+    assert_matches_eager(projections, examples, model, atol=ATOL, rtol=RTOL,
+                         params=list(model.parameters()) + [v for _, v in examples])
+    assert_ragged(4)
+
+
 # -- reductions over the sequence -----------------------------------------------------------
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -271,6 +271,59 @@ def _matmul(canon, marks, outputs):
     return None
 
 
+_EINSUM = torch.einsum
+
+
+def einsum_form(targs: tuple, outputs: tuple) -> Ragged | None:
+    """``torch.einsum(equation, *operands)`` (no schema binds it): the sequence is the
+    first index of the first per-example operand and of the result. A per-example operand
+    without that index spreads to its example's rows (the index is added to its term); a
+    shared one must not have it. Explicit ``->`` only, no ellipsis."""
+    if not targs or type(targs[0]) is not str or len(outputs) != 1:
+        return None
+    operands = targs[1] if len(targs) == 2 and type(targs[1]) in (list, tuple) else targs[1:]
+    equation = targs[0].replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    lhs, out = equation.split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(operands):
+        return None
+    marks = [(t, x) for t, x in zip(terms, operands) if type(x) is Input]
+    if not marks or not marks[0][0] or not out or not outputs[0].shape:
+        return None
+    letter, length = marks[0][0][0], marks[0][1].meta.shape[0]
+    if out[0] != letter or out.count(letter) != 1 or outputs[0].shape[0] != length:
+        return None
+    rows, spread, new_terms = [], [], []
+    for t, x in zip(terms, operands):
+        if type(x) is Input:
+            if t.startswith(letter) and t.count(letter) == 1 and x.meta.shape[0] == length:
+                rows.append(x.k)
+            elif letter not in t:
+                spread.append(x.k)
+                t = letter + t
+            else:
+                return None
+        elif letter in t:
+            return None
+        new_terms.append(t)
+    rows, spread = tuple(rows), tuple(spread)
+    equation = ",".join(new_terms) + "->" + out
+
+    def run(sigs, parts):
+        seq = Lengths(parts, rows[0])
+        values = list(parts[0])
+        for k in rows:
+            values[k] = seq.cat([p[k] for p in parts])
+        for k in spread:
+            b = torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
+            values[k] = b.index_select(0, seq.index("segment", b.device))
+        args, kwargs = sigs[0].fill(values)
+        return seq.rows((_EINSUM(equation, *args[1:], **kwargs),))
+    return Ragged(rows, run, "rows")
+
+
 # -- running a group ---------------------------------------------------------------------------
 
 class Lengths:
