@@ -168,6 +168,18 @@ def test_sums_and_means_over_the_sequence(model):
     assert_ragged(6)
 
 
+def maxima(x, m):
+    h = m["lin"](x)
+    values, indices = h.max(0)
+    return values, indices, h.amax(dim=0), torch.logsumexp(h, 0), h.min(dim=0).values
+
+
+def test_max_min_and_logsumexp_over_the_sequence(model):
+    assert_matches_eager(maxima, sentences(lengths_of()), model, atol=ATOL, rtol=RTOL)
+    # Linear, max, amax, logsumexp, min
+    assert_ragged(5)
+
+
 # -- attention over the sequence ---------------------------------------------------------------
 
 def attend(example, m):

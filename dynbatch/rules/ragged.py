@@ -22,6 +22,7 @@ their example with one ``index_add``; softmax over it pads to the longest with -
 """
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -93,6 +94,10 @@ _SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 _LOSSES = {F.cross_entropy, F.nll_loss}
 _SUMS = {torch.sum: "sum", torch.mean: "mean"}
 _MATMUL = {torch.matmul, _T.__matmul__, torch.mm, torch.mv, torch.dot}
+# reductions over the sequence computed on rows padded to the longest with a value that
+# leaves every example's result as it is
+_PADDED = {torch.amax: -math.inf, torch.max: -math.inf, torch.logsumexp: -math.inf,
+           torch.amin: math.inf, torch.min: math.inf}
 _NOT_ROWWISE = {torch.tril, torch.triu}     # first-argument ops that read the row index
 _LINEAR, _EMBEDDING = F.linear, F.embedding
 _NORMS = {F.layer_norm, getattr(F, "rms_norm", None)}
@@ -120,6 +125,8 @@ def form_of(key, canon: dict, inputs: tuple, outputs: tuple) -> Ragged | None:
         return _class_loss(canon, marks, outputs)
     if key in _SUMS:
         return _sum(_SUMS[key], canon, marks, outputs)
+    if key in _PADDED:
+        return _padded_reduction(_PADDED[key], canon, marks)
     if key in _MATMUL:
         return _matmul(canon, marks, outputs)
     if key is _T.__getitem__:
@@ -210,7 +217,8 @@ def _softmax(canon, marks, outputs):
         return None
     if dim != 0:
         return Ragged((x.k,), rows_run((x.k,), ()), "rows")
-    return Ragged((x.k,), _padded_softmax(x.k), "softmax over the sequence")
+    return Ragged((x.k,), _padded_run(x.k, -math.inf, "dim", along=True),
+                  "softmax over the sequence")
 
 
 def _class_loss(canon, marks, outputs):
@@ -249,6 +257,22 @@ def _sum(how, canon, marks, outputs):
     if outputs[0].dtype != x.meta.dtype:
         return None
     return Ragged((x.k,), _segment_run(x.k, how), f"{how} over the sequence")
+
+
+def _padded_reduction(fill: float, canon, marks):
+    """max / min / amax / amin / logsumexp over dim 0 (indices, for max and min, count
+    within the example, as eager's)."""
+    x = canon["input"]
+    if type(x) is not Input or len(marks) != 1 or canon.get("keepdim") or \
+            not x.meta.dtype.is_floating_point:
+        return None
+    rank = len(x.meta.shape)
+    dim = canon.get("dim")
+    if type(dim) in (list, tuple) and len(dim) == 1:
+        dim = dim[0]
+    if type(dim) is not int or not -rank <= dim < rank or dim % rank:
+        return None
+    return Ragged((x.k,), _padded_run(x.k, fill, "dim"), "reduced over the sequence")
 
 
 def _matmul(canon, marks, outputs):
@@ -442,23 +466,27 @@ def _class_loss_run(kx: int, ky: int, reduction: str):
     return run
 
 
-def _padded_softmax(k: int):
-    """softmax / log_softmax over the sequence: rows padded to the longest with -inf
-    (exp gives 0 there: the real rows' values are those of each example alone), one call
-    over dim 1, the real rows taken back."""
+def _padded_run(k: int, fill: float, dim: str, along: bool = False):
+    """softmax / log_softmax (``along``) or a reduction over the sequence: rows padded to
+    the longest with ``fill`` (-inf: exp gives 0 there, max never picks it), one call over
+    dim 1 of (examples, longest, ...), the real rows taken back (``along``) or the
+    examples' results as they are."""
     def run(sigs, parts):
         sig = sigs[0]
         seq = Lengths(parts, k)
         x = seq.cat([p[k] for p in parts])
         where = seq.index("padded", x.device)
         longest = max(seq.ls)
-        padded = x.new_full((seq.n * longest, *x.shape[1:]), float("-inf"))
+        padded = x.new_full((seq.n * longest, *x.shape[1:]), fill)
         values = list(parts[0])
         values[k] = padded.index_copy(0, where, x).reshape(seq.n, longest, *x.shape[1:])
         _, kw = sig.fill(values)
-        out = sig.target(**dict(kw, dim=1))
-        out = out.reshape(seq.n * longest, *out.shape[2:]).index_select(0, where)
-        return seq.rows((out,))
+        out = sig.flat(sig.target(**dict(kw, **{dim: 1})))
+        if not along:
+            return seq.examples(out)
+        rows = tuple(o.reshape(seq.n * longest, *o.shape[2:]).index_select(0, where)
+                     for o in out)
+        return seq.rows(rows)
     return run
 
 
