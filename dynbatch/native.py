@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 from .errors import TraceError, where
 from .infer import checks_out, fake_mode, fakes, quiet
 from .lazy import Input, meta_of, meta_of_tensor
-from .rules import fallback, ragged
+from .rules import fallback, ragged, segments
 from .signature import BLOCK, Signature, alone, wrapper
 from .state import entered
 from .template import filler
@@ -144,7 +144,7 @@ def _ragged_form(module, targs, tkwargs) -> ragged.Ragged | None:
         least = len(module.normalized_shape) + 1
     if least is None or rank < least:
         return None
-    return ragged.Ragged((0,), ragged.rows_run((0,), ()), "rows")
+    return ragged.Ragged((0,), segments.rows_run((0,), ()), "rows")
 
 
 def _packed_run(sigs, parts):
@@ -153,7 +153,7 @@ def _packed_run(sigs, parts):
     rows, one index_select), one call, each example's outputs taken back in row order and
     its final states in example order (the module restores that order itself)."""
     sig = sigs[0]
-    seq = ragged.Lengths(parts, 0)
+    seq = segments.Lengths(parts, 0)
     x = seq.cat([p[0] for p in parts])
     into, back, sizes, order, unorder = _packing(seq, x.device)
     values = list(parts[0])
@@ -175,7 +175,7 @@ def _packing(seq, device):
     """(rows -> packed, packed -> rows, batch sizes, sorted order, its inverse) of a
     group: as ``pack_padded_sequence`` orders them, made once per distinct group."""
     key = ("packed", seq.key, device)
-    found = ragged.INDEX.get(key)
+    found = segments.INDEX.get(key)
     if found is None:
         lengths = seq.lengths()
         order = sorted(range(len(lengths)), key=lambda b: -lengths[b])
@@ -196,7 +196,7 @@ def _packing(seq, device):
         as_tensor = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
         found = (as_tensor(into).to(device), as_tensor(back).to(device), as_tensor(sizes),
                  as_tensor(order).to(device), as_tensor(unorder).to(device))
-        ragged.remember(key, found)
+        segments.remember(key, found)
     return found
 
 

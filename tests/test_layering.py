@@ -40,7 +40,7 @@ LAYERS = [
     ["dynbatch.rules.losses", "dynbatch.rules.indexing", "dynbatch.rules.ragged"],
     ["dynbatch.rules.table"],
     ["dynbatch.rules.registry", "dynbatch.rules.normalize", "dynbatch.rules.fused",
-     "dynbatch.rules.fallback"],
+     "dynbatch.rules.fallback", "dynbatch.rules.segments"],
     ["dynbatch.results"],
     ["dynbatch.graph", "dynbatch.template"],
     ["dynbatch.profile"],                                   # db.stats(): counters, table

@@ -1,5 +1,5 @@
 """Calls over sequences of different lengths run as one call (rules/ragged.py, NOTE
-[ragged groups]): row-wise ops over concatenated rows, reductions over the sequence as
+[ragged groups]; rules/segments.py): row-wise ops over concatenated rows, reductions over the sequence as
 segment sums, softmax over it padded with -inf, dot-product attention.
 
 Every case against the eager per-example loop in float64 (values and every gradient),
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dynbatch as db
-from dynbatch.rules import ragged
+from dynbatch.rules import segments
 from dynbatch.testing import assert_matches_eager
 
 ATOL, RTOL = 1e-10, 1e-8
@@ -227,7 +227,7 @@ def test_ops_across_the_sequence_keep_one_batch_per_length(model):
 def test_a_failing_joint_call_runs_length_by_length(model, monkeypatch):
     def broken(self, tensors):
         raise RuntimeError("broken on purpose")
-    monkeypatch.setattr(ragged.Lengths, "cat", broken)
+    monkeypatch.setattr(segments.Lengths, "cat", broken)
     monkeypatch.setattr("dynbatch.execute._warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

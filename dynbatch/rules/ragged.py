@@ -1,24 +1,7 @@
-"""Ragged rules: calls over sequences of different lengths, run as one call.
-
-A per-example tensor whose dim 0 is a sequence (a sentence's L tokens) gives every length
-its own signature, and dense batching one batch per length. Many calls compute every
-length the same way: they treat rows independently (elementwise ops, Linear, Embedding,
-layer_norm, softmax over a trailing dim), reduce over the sequence (sum and mean over dim
-0, cross entropy over a sentence's tokens, a dot product over L), normalise over it
-(softmax over dim 0), or run a recurrent module along it (native.py). Such a signature has
-a ``Ragged`` form (``sig.ragged``): which of its inputs are ragged (dim 0 is the
-sequence), and how a group of signatures that differ only in those lengths runs as one
-call over all their rows.
-
-The registry states per op which inputs may be ragged (``form_of``); everything else
-keeps a signature per length and stays exact. How a group runs (NOTE [ragged groups]):
-the tracer gives each such signature a ``family`` (its key with the ragged lengths left
-out, ``family_of``); the schedule batches a family as one; the plan splits the batch into
-one step per length, each with its own dense store entry as for any step, marked to run
-jointly (``Step.joint``); execute gathers each step's inputs and calls ``Ragged.run`` once:
-rows concatenated (``(n, L, ...)`` flattened to ``(n * L, ...)``), one call, outputs split
-back into each step's dense entry (views). Reductions over the sequence add rows into
-their example with one ``index_add``; softmax over it pads to the longest with -inf.
+"""Ragged forms: which calls over sequences of different lengths run as one call, and
+how (the registry, ``form_of``; ``einsum_form`` reads an einsum's equation). A call
+without a form keeps one signature, and one batch, per length: exact either way.
+The calls themselves are in segments.py.
 """
 from __future__ import annotations
 
@@ -29,19 +12,34 @@ import torch
 import torch.nn.functional as F
 
 from ..lazy import Input, TensorMeta, meta_of
-from . import table
+from . import segments, table
 from .registry import rule_for
 
 _T = torch.Tensor
+
+# NOTE [ragged groups]: a per-example tensor whose dim 0 is a sequence (a sentence's L
+# tokens) gives every length its own signature, and dense batching one batch per length.
+# Many calls compute every length alike: they treat rows independently (elementwise ops,
+# Linear, Embedding, layer_norm, softmax over a trailing dim), reduce over the sequence
+# (sum, mean, max, cross entropy over a sentence's tokens, a dot product over L),
+# normalise over it (softmax over dim 0), or run a recurrent module along it (native.py).
+# Such a signature has a ``Ragged`` form (``sig.ragged``) and the tracer gives it a
+# ``family`` (its key with the ragged lengths left out, ``family_of``). The schedule
+# batches a family as one; the plan splits the batch into one step per length, each with
+# its own dense store entry as for any step, marked to run jointly (``Step.joint``);
+# execute gathers each step's inputs and calls ``Ragged.run`` once: rows concatenated,
+# one call, the outputs split back into each step's entry. A new length of a known form
+# is not inferred again (signature.py, ``_at_length``).
 
 
 class Ragged:
     """How signatures that differ only in their ragged inputs' lengths run as one call.
     ``rows``: the positions (in ``sig.inputs``) of the ragged inputs, all of one length
     per example; ``along``: its outputs (an RNN module's first) run along the sequence,
-    else they do not depend on its length; ``run(sigs, parts)``: ``parts[j]`` the gathered inputs of the step of
-    ``sigs[j]`` (dense, ``(n_j, L_j, ...)`` for a ragged input), returns each step's tuple
-    of outputs, dense as that signature's own batched call gives them."""
+    else they do not depend on its length; ``run(sigs, parts)``: ``parts[j]`` the
+    gathered inputs of the step of ``sigs[j]`` (dense, ``(n_j, L_j, ...)`` for a ragged
+    input), returns each step's tuple of outputs, dense as that signature's own batched
+    call gives them."""
 
     __slots__ = ("rows", "run", "kind", "along")
 
@@ -99,7 +97,7 @@ _MATMUL = {torch.matmul, _T.__matmul__, torch.mm, torch.mv, torch.dot}
 _PADDED = {torch.amax: -math.inf, torch.max: -math.inf, torch.logsumexp: -math.inf,
            torch.amin: math.inf, torch.min: math.inf}
 _NOT_ROWWISE = {torch.tril, torch.triu}     # first-argument ops that read the row index
-_LINEAR, _EMBEDDING = F.linear, F.embedding
+_LINEAR = F.linear          # as imported (a run replaces it by a wrapper while it records)
 _NORMS = {F.layer_norm, getattr(F, "rms_norm", None)}
 
 
@@ -134,10 +132,6 @@ def form_of(key, canon: dict, inputs: tuple, outputs: tuple) -> Ragged | None:
     return None
 
 
-def _length(meta) -> int | None:
-    return meta.shape[0] if len(meta.shape) else None
-
-
 def _elementwise(canon, marks, outputs):
     """Rows of every per-example operand of the result's rank; a per-example operand of
     lower rank is spread to every row of its example (it broadcasts over the sequence)."""
@@ -168,7 +162,7 @@ def _elementwise(canon, marks, outputs):
             return None
     if not rows:
         return None
-    return Ragged(tuple(rows), rows_run(tuple(rows), tuple(spread)), "rows")
+    return Ragged(tuple(rows), segments.rows_run(tuple(rows), tuple(spread)), "rows")
 
 
 def _first_arg(key, canon, marks, outputs):
@@ -186,7 +180,7 @@ def _first_arg(key, canon, marks, outputs):
     L = x.meta.shape[0]
     if rank == 0 or any(not o.shape or o.shape[0] != L for o in outputs):
         return None
-    return Ragged((x.k,), rows_run((x.k,), ()), "rows")
+    return Ragged((x.k,), segments.rows_run((x.k,), ()), "rows")
 
 
 def _getitem(canon, marks, outputs):
@@ -199,7 +193,7 @@ def _getitem(canon, marks, outputs):
         return None
     if not outputs[0].shape or outputs[0].shape[0] != x.meta.shape[0]:
         return None
-    return Ragged((x.k,), rows_run((x.k,), ()), "rows")
+    return Ragged((x.k,), segments.rows_run((x.k,), ()), "rows")
 
 
 def _dim(canon, rank: int):
@@ -216,8 +210,8 @@ def _softmax(canon, marks, outputs):
     if dim is None:
         return None
     if dim != 0:
-        return Ragged((x.k,), rows_run((x.k,), ()), "rows")
-    return Ragged((x.k,), _padded_run(x.k, -math.inf, "dim", along=True),
+        return Ragged((x.k,), segments.rows_run((x.k,), ()), "rows")
+    return Ragged((x.k,), segments.padded_run(x.k, -math.inf, "dim", along=True),
                   "softmax over the sequence")
 
 
@@ -234,10 +228,10 @@ def _class_loss(canon, marks, outputs):
         return None
     reduction = canon["reduction"]
     if reduction == "none":
-        return Ragged((x.k, y.k), rows_run((x.k, y.k), ()), "rows")
+        return Ragged((x.k, y.k), segments.rows_run((x.k, y.k), ()), "rows")
     if reduction not in ("sum", "mean"):
         return None
-    return Ragged((x.k, y.k), _class_loss_run(x.k, y.k, reduction), "sum over the sequence")
+    return Ragged((x.k, y.k), segments.class_loss_run(x.k, y.k, reduction), "sum over the sequence")
 
 
 def _sum(how, canon, marks, outputs):
@@ -256,7 +250,7 @@ def _sum(how, canon, marks, outputs):
         return None
     if outputs[0].dtype != x.meta.dtype:
         return None
-    return Ragged((x.k,), _segment_run(x.k, how), f"{how} over the sequence")
+    return Ragged((x.k,), segments.sum_run(x.k, how), f"{how} over the sequence")
 
 
 def _padded_reduction(fill: float, canon, marks):
@@ -272,7 +266,7 @@ def _padded_reduction(fill: float, canon, marks):
         dim = dim[0]
     if type(dim) is not int or not -rank <= dim < rank or dim % rank:
         return None
-    return Ragged((x.k,), _padded_run(x.k, fill, "dim"), "reduced over the sequence")
+    return Ragged((x.k,), segments.padded_run(x.k, fill, "dim"), "reduced over the sequence")
 
 
 def _matmul(canon, marks, outputs):
@@ -285,17 +279,14 @@ def _matmul(canon, marks, outputs):
     ra = len(a.meta.shape)
     if type(b) is not Input:
         if ra == 2 and isinstance(b, _T) and b.dim() in (1, 2):
-            return Ragged((a.k,), rows_run((a.k,), ()), "rows")
+            return Ragged((a.k,), segments.rows_run((a.k,), ()), "rows")
         return None
     rb = len(b.meta.shape)
     if ra == 2 and rb == 1 and b.meta.shape[0] == a.meta.shape[1]:
-        return Ragged((a.k,), _row_dot_run(a.k, b.k), "rows")
+        return Ragged((a.k,), segments.row_dot_run(a.k, b.k), "rows")
     if ra == 1 and rb in (1, 2) and b.meta.shape[0] == a.meta.shape[0]:
-        return Ragged((a.k, b.k), _weighted_sum_run(a.k, b.k), "sum over the sequence")
+        return Ragged((a.k, b.k), segments.weighted_sum_run(a.k, b.k), "sum over the sequence")
     return None
-
-
-_EINSUM = torch.einsum
 
 
 def einsum_form(targs: tuple, outputs: tuple) -> Ragged | None:
@@ -332,185 +323,6 @@ def einsum_form(targs: tuple, outputs: tuple) -> Ragged | None:
         elif letter in t:
             return None
         new_terms.append(t)
-    rows, spread = tuple(rows), tuple(spread)
-    equation = ",".join(new_terms) + "->" + out
-
-    def run(sigs, parts):
-        seq = Lengths(parts, rows[0])
-        values = list(parts[0])
-        for k in rows:
-            values[k] = seq.cat([p[k] for p in parts])
-        for k in spread:
-            b = torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
-            values[k] = b.index_select(0, seq.index("segment", b.device))
-        args, kwargs = sigs[0].fill(values)
-        return seq.rows((_EINSUM(equation, *args[1:], **kwargs),))
-    return Ragged(rows, run, "rows")
-
-
-# -- running a group ---------------------------------------------------------------------------
-
-class Lengths:
-    """The examples of a group of steps and their lengths, read off the gathered parts
-    (``parts[j][k]`` is ``(n_j, L_j, ...)``): examples in step order, then row order;
-    their rows in that order are the rows of ``cat``. Index tensors are cached per
-    distinct group (a decoder's steps repeat the same one)."""
-
-    def __init__(self, parts: list, k: int):
-        shapes = [p[k].shape for p in parts]
-        self.ns = [s[0] for s in shapes]
-        self.ls = [s[1] for s in shapes]
-        self.n = sum(self.ns)
-        self.key = (tuple(self.ns), tuple(self.ls))
-
-    def cat(self, tensors: list) -> _T:
-        """The rows of every example, in order: ``(sum of n_j * L_j, ...)``."""
-        flat = [t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]) for t in tensors]
-        return flat[0] if len(flat) == 1 else torch.cat(flat)
-
-    def rows(self, outputs) -> list[tuple]:
-        """Outputs over all rows split into each step's dense ``(n_j, L_j, ...)``."""
-        sizes = [n * L for n, L in zip(self.ns, self.ls)]
-        split = [o.split(sizes) for o in outputs]
-        return [tuple(s[j].reshape(n, L, *s[j].shape[1:]) for s in split)
-                for j, (n, L) in enumerate(zip(self.ns, self.ls))]
-
-    def examples(self, outputs) -> list[tuple]:
-        """Outputs over all examples split into each step's ``(n_j, ...)``."""
-        split = [o.split(self.ns) for o in outputs]
-        return [tuple(s[j] for s in split) for j in range(len(self.ns))]
-
-    def index(self, name: str, device) -> _T:
-        key = (name, self.key, device)
-        found = INDEX.get(key)
-        if found is None:
-            found = remember(key, self._make(name).to(device))
-        return found
-
-    def lengths(self) -> list[int]:
-        return [L for n, L in zip(self.ns, self.ls) for _ in range(n)]
-
-    def _make(self, name: str):
-        lengths = torch.tensor(self.lengths(), dtype=torch.int64)
-        if name == "segment":       # row -> its example
-            return torch.repeat_interleave(lengths)
-        if name == "lengths":
-            return lengths
-        # "padded": row -> its place in (examples, longest, ...) flattened
-        longest = max(self.ls)
-        starts = torch.cumsum(lengths, 0) - lengths
-        segment = torch.repeat_interleave(lengths)
-        return torch.arange(int(lengths.sum())) - starts[segment] + segment * longest
-
-
-INDEX: dict = {}       # index tensors of the groups met, by (what, group, device)
-
-
-def remember(key, value):
-    if len(INDEX) > 4096:
-        INDEX.clear()
-    INDEX[key] = value
-    return value
-
-
-def rows_run(rows: tuple, spread: tuple):
-    def run(sigs, parts):
-        seq = Lengths(parts, rows[0])
-        values = list(parts[0])
-        for k in rows:
-            values[k] = seq.cat([p[k] for p in parts])
-        for k, ones in spread:      # (n, ...) per example -> (rows, 1.., ...) per row
-            b = torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
-            b = b.index_select(0, seq.index("segment", b.device))
-            values[k] = b.reshape(b.shape[0], *([1] * ones), *b.shape[1:])
-        sig = sigs[0]
-        return seq.rows(sig.flat(sig.per_example(values)))
-    return run
-
-
-def _segment_sum(x: _T, seq: Lengths) -> _T:
-    return x.new_zeros((seq.n, *x.shape[1:])).index_add(0, seq.index("segment", x.device), x)
-
-
-def _segment_run(k: int, how: str):
-    def run(sigs, parts):
-        seq = Lengths(parts, k)
-        x = seq.cat([p[k] for p in parts])
-        total = _segment_sum(x, seq)
-        if how == "mean":
-            count = seq.index("lengths", x.device).to(x.dtype)
-            total = total / count.reshape(-1, *([1] * (x.dim() - 1)))
-        return seq.examples((total,))
-    return run
-
-
-def _class_loss_run(kx: int, ky: int, reduction: str):
-    def run(sigs, parts):
-        sig = sigs[0]
-        seq = Lengths(parts, kx)
-        values = list(parts[0])
-        values[kx] = seq.cat([p[kx] for p in parts])
-        values[ky] = seq.cat([p[ky] for p in parts])
-        _, kw = sig.fill(values)
-        kw = dict(kw, reduction="none")
-        loss = sig.target(**kw)
-        total = _segment_sum(loss, seq)
-        if reduction == "mean":     # as PyTorch: over the targets' total class weight
-            y = kw["target"]
-            keep = (y != kw["ignore_index"]).to(loss.dtype)
-            weight = kw.get("weight")
-            if weight is not None:
-                keep = keep * weight[y.clamp(0, weight.shape[0] - 1)]
-            total = total / _segment_sum(keep, seq)
-        return seq.examples((total,))
-    return run
-
-
-def _padded_run(k: int, fill: float, dim: str, along: bool = False):
-    """softmax / log_softmax (``along``) or a reduction over the sequence: rows padded to
-    the longest with ``fill`` (-inf: exp gives 0 there, max never picks it), one call over
-    dim 1 of (examples, longest, ...), the real rows taken back (``along``) or the
-    examples' results as they are."""
-    def run(sigs, parts):
-        sig = sigs[0]
-        seq = Lengths(parts, k)
-        x = seq.cat([p[k] for p in parts])
-        where = seq.index("padded", x.device)
-        longest = max(seq.ls)
-        padded = x.new_full((seq.n * longest, *x.shape[1:]), fill)
-        values = list(parts[0])
-        values[k] = padded.index_copy(0, where, x).reshape(seq.n, longest, *x.shape[1:])
-        _, kw = sig.fill(values)
-        out = sig.flat(sig.target(**dict(kw, **{dim: 1})))
-        if not along:
-            return seq.examples(out)
-        rows = tuple(o.reshape(seq.n * longest, *o.shape[2:]).index_select(0, where)
-                     for o in out)
-        return seq.rows(rows)
-    return run
-
-
-def _row_dot_run(ka: int, kb: int):
-    """(L, d) @ (d,) per example: every row times its example's vector, summed over d."""
-    def run(sigs, parts):
-        seq = Lengths(parts, ka)
-        a = seq.cat([p[ka] for p in parts])
-        b = torch.cat([p[kb] for p in parts]) if len(parts) > 1 else parts[0][kb]
-        b = b.index_select(0, seq.index("segment", b.device))
-        if a.is_floating_point():   # 4x a batch of (1, d) @ (d, 1) products
-            dots = torch.linalg.vecdot(a, b)
-        else:                       # integers: sum() would promote; complex: no conj
-            dots = torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).reshape(a.shape[0])
-        return seq.rows((dots,))
-    return run
-
-
-def _weighted_sum_run(ka: int, kb: int):
-    """(L,) @ (L[, d]): each row of b weighted by a's, summed over the example's rows."""
-    def run(sigs, parts):
-        seq = Lengths(parts, ka)
-        a = seq.cat([p[ka] for p in parts])
-        b = seq.cat([p[kb] for p in parts])
-        rows = a.unsqueeze(1) * b if b.dim() == 2 else a * b
-        return seq.examples((_segment_sum(rows, seq),))
-    return run
+    rows = tuple(rows)
+    return Ragged(rows, segments.einsum_run(rows, tuple(spread), ",".join(new_terms) + "->" +
+                                            out), "rows")
