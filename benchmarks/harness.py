@@ -266,7 +266,7 @@ class LoaderRunner:
     across an epoch; they start in the untimed warm-up round.
 
     NOTE [steady state]: a loader round runs its K minibatches over and over, 16 steps at
-    least, and times only the second half of them, scaled to K steps: the pipeline's fill
+    least (4 in a --tiny run, which checks the harness, not speed), and times only the second half of them, scaled to K steps: the pipeline's fill
     is left out (the main process waiting for the first plan, paid once per epoch), and
     so are the plans that the workers made side by side during the fill (at most
     ``prefetch_factor`` x workers), which would let the next steps run without waiting.
@@ -274,9 +274,10 @@ class LoaderRunner:
     worker's planning over the number of workers, as through an epoch.
     """
 
-    def __init__(self, task: T.TaskData, name: str, model: nn.Module) -> None:
+    def __init__(self, task: T.TaskData, name: str, model: nn.Module, steps: int = 16) -> None:
         base, workers = WORKERS[name]
         self.name = name
+        self.steps = steps          # a round's steps at least (NOTE [steady state])
         self.runner = make_runner(task.name, base, model)     # model, Adam, stats
         self.examples = task.examples
         self.stats = None
@@ -317,7 +318,7 @@ class LoaderRunner:
 
     def round(self, mode: str, idx: list[list[int]]) -> tuple[float, list]:
         K = len(idx)
-        todo = idx * -(-16 // K)
+        todo = idx * -(-self.steps // K)
         sampler, loader, _ = self.loaders[mode]
         sampler.batches = todo
         step = self._train if mode == "train" else self._infer
@@ -453,12 +454,13 @@ def in_own_process(name: str) -> bool:
     return name == "dynet"
 
 
-def timing_runner(task: T.TaskData, name: str, model: nn.Module, data_path: Path):
+def timing_runner(task: T.TaskData, name: str, model: nn.Module, data_path: Path,
+                  steps: int = 16):
     """What the timing loop and the agreement check drive: in this process, or in a child."""
     if in_own_process(name):
         return ProcessRunner(name, data_path)
     if name in WORKERS:
-        return LoaderRunner(task, name, model)
+        return LoaderRunner(task, name, model, steps)
     return LocalRunner(make_runner(task.name, name, model), task.examples)
 
 
@@ -884,7 +886,8 @@ def run(cfg: Config) -> dict:
             runners = {}
             for n in names:
                 try:
-                    runners[n] = timing_runner(task, n, model, data_path)
+                    runners[n] = timing_runner(task, n, model, data_path,
+                                               4 if cfg.tiny else 16)
                 except Exception as err:
                     result["errors"][f"{task.name}/{n}"] = f"{type(err).__name__}: {err}"
                     log(f"  {n} failed to start: {type(err).__name__}: {err}")
