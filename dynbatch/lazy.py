@@ -64,6 +64,13 @@ def meta_of_tensor(t: Tensor) -> TensorMeta:
     return meta_of(t.shape, t.dtype, t.device, t.requires_grad)
 
 
+def with_length(meta: TensorMeta, length: int) -> TensorMeta:
+    """``meta`` with ``length`` as dim 0 (-1: a sequence of any length, in the keys of
+    ragged forms: NOTE [ragged groups] in rules/ragged.py)."""
+    return meta_of((length,) + tuple(meta.shape[1:]), meta.dtype, meta.device,
+                   meta.requires_grad)
+
+
 class Input:
     """Marks where a per-example tensor sits in a signature's template: the ``k``-th
     per-example input of the call, whose meta is ``meta``. The batched call gets, in its

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import TraceError, where
 from .infer import checks_out, fake_mode, fakes, quiet
-from .lazy import Input, meta_of, meta_of_tensor
+from .lazy import Input, meta_of_tensor, with_length
 from .rules import fallback, ragged, segments
 from .signature import BLOCK, Signature, alone, wrapper
 from .state import entered
@@ -43,9 +43,8 @@ def signature(module, targs, tkwargs, metas, state, name, example, site, target,
     form = _ragged_form(module, targs, tkwargs)
     length = None
     if form is not None:
-        length, x = metas[0].shape[0], metas[0]
-        metas = (meta_of((-1,) + tuple(x.shape[1:]), x.dtype, x.device, x.requires_grad),
-                 ) + metas[1:]
+        length = metas[0].shape[0]
+        metas = (with_length(metas[0], -1),) + metas[1:]
     own = seen.get(id(module)) if seen is not None else None
     if own is None:
         own = (type(module), module.training, module.extra_repr(),
@@ -79,8 +78,7 @@ def signature(module, targs, tkwargs, metas, state, name, example, site, target,
     outputs, spec, ok, inferred_at = known
     if inferred_at != length:
         along = range(1 if isinstance(module, nn.RNNBase) else len(outputs))
-        outputs = tuple(meta_of((length,) + tuple(m.shape[1:]), m.dtype, m.device,
-                                m.requires_grad) if i in along else m
+        outputs = tuple(with_length(m, length) if i in along else m
                         for i, m in enumerate(outputs))
     sig.outputs, sig.wrap = outputs, wrapper(None if spec.is_leaf() else spec, outputs)
     sig.single = outputs[0] if spec.is_leaf() else None

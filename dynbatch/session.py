@@ -37,6 +37,7 @@ from .infer import warm_up
 from .lazy import LazyTensor, current
 from .results import materialized, update_captures
 from .state import restore, snapshot
+from .template import SCALARS
 
 _getrefcount = sys.getrefcount
 
@@ -369,7 +370,7 @@ def run_examples(fn, examples: list, leading: tuple, args: tuple, kwargs: dict,
 
 
 _CONTAINERS = (list, tuple, dict)
-_SCALARS = (int, float, bool, str, type(None))
+_SCALARS = SCALARS + (str, type(None))
 
 
 def _plain(example, depth: int = 0) -> bool:
@@ -383,6 +384,8 @@ def _plain(example, depth: int = 0) -> bool:
             continue
         return False
     return type(example) is list or type(example) is tuple
+
+
 _warned_serial_reads = [False]
 
 

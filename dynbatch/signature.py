@@ -24,7 +24,7 @@ from . import rules
 from .errors import TraceError, warn_at, where
 from .graph import outs_of
 from .infer import checks_out, fake_cannot, infer
-from .lazy import LazyTensor, TensorMeta, meta_of, meta_of_tensor
+from .lazy import LazyTensor, TensorMeta, meta_of_tensor, with_length
 from .rules import Call, fallback, fused, normalize, ragged
 from .state import grad_mode_of
 from .template import PLAIN, SCALARS, SHARED, filler, metas_of, template_of
@@ -261,8 +261,7 @@ def _length_free(fn, state, facts, metas):
     for part in facts:
         if type(part) is TensorMeta and not shared and part.shape and \
                 part.shape[0] == length:
-            part = meta_of((-1,) + tuple(part.shape[1:]), part.dtype, part.device,
-                           part.requires_grad)
+            part = with_length(part, -1)
         shared = part is SHARED
         parts.append(part)
     return tuple(parts)
@@ -277,8 +276,7 @@ def _at_length(other: Signature, targs, tkwargs, metas, site) -> Signature | Non
     length = metas[0].shape[0]
     outputs = other.outputs
     if other.ragged.along:
-        outputs = tuple(meta_of((length,) + tuple(m.shape[1:]), m.dtype, m.device,
-                                m.requires_grad) for m in outputs)
+        outputs = tuple(with_length(m, length) for m in outputs)
     sig = Signature(OP, other.fn, other.name, other.state, metas, outputs,
                     wrapper(None, outputs))
     sig.single, sig.site, sig.view = outputs[0], site, other.view

@@ -11,7 +11,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..lazy import Input, TensorMeta, meta_of
+from ..lazy import Input, TensorMeta, with_length
 from . import segments, table
 from .registry import rule_for
 
@@ -70,8 +70,7 @@ def family_of(key: tuple, sig) -> Family | None:
     for part in key:
         if type(part) is TensorMeta:
             if k in rows:
-                part = meta_of((-1,) + tuple(part.shape[1:]), part.dtype, part.device,
-                               part.requires_grad)
+                part = with_length(part, -1)
             k += 1
         parts.append(part)
     if k != len(sig.inputs):
